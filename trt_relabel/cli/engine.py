@@ -1,0 +1,1 @@
+"""`build-engine` and `bench`: export the teacher and build the TensorRT engine."""
