@@ -1,0 +1,196 @@
+"""Inference backends: one callable interface over ONNX Runtime, eager PyTorch and TensorRT.
+
+Every backend maps ``pixels`` uint8 [B, S, S, 3] (NHWC RGB, resized with the teacher's
+interpolation) to ``(values, indices)``: top-k logits [B, k, h, w] (float16 or float32) and class
+indices int32 [B, k, h, w], as NumPy arrays, following the graph contract of
+:mod:`trt_relabel.export`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from trt_relabel.errors import RelabelError, UsageError
+from trt_relabel.export import (
+    INPUT_NAME,
+    GraphMetadata,
+    build_graphs,
+    prepare_teacher,
+    relabel_graph,
+    sha256_file,
+)
+
+BACKENDS = ("auto", "onnxruntime", "torch", "tensorrt")
+
+
+class BackendError(RelabelError):
+    """A backend that is not available here, or failed to start."""
+
+
+class Backend(Protocol):
+    """`name` says which runtime (and provider/device/precision) runs; `graph_sha256` identifies the
+    graph file it runs ("" for eager torch)."""
+
+    name: str
+    metadata: GraphMetadata
+    graph_sha256: str
+
+    def __call__(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+class OnnxRuntimeBackend:
+    """An ONNX Runtime session over a relabel graph.
+
+    `providers` in preference order; ONNX Runtime silently drops providers whose libraries are
+    missing (TensorRT without its libraries falls back to CUDA), so `name` reports the providers
+    the session actually runs with.
+    """
+
+    def __init__(self, graph: Path, metadata: GraphMetadata, providers: list[str], threads: int | None = None):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = threads or os.cpu_count() or 1
+        try:
+            self.session = ort.InferenceSession(str(graph), options, providers=providers)
+        except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
+            raise BackendError(f"{graph}: ONNX Runtime cannot load the graph: {str(e).splitlines()[0]}") from None
+        active = self.session.get_providers()
+        self.name = f"onnxruntime ({active[0]}, {metadata.precision})"
+        self.fell_back = active[0] != providers[0]
+        self.metadata = metadata
+        self.graph_sha256 = sha256_file(graph)
+
+    def __call__(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        values, indices = self.session.run(None, {INPUT_NAME: np.ascontiguousarray(pixels)})
+        return values, indices
+
+
+class TorchBackend:
+    """The eager PyTorch reference (CPU or CUDA). fp16 and channels_last are for CUDA."""
+
+    def __init__(
+        self,
+        graph: torch.nn.Module,
+        metadata: GraphMetadata,
+        device: torch.device,
+        channels_last: bool = False,
+        compile: bool = False,
+    ):
+        graph = graph.to(device)
+        if channels_last:
+            graph = graph.to(memory_format=torch.channels_last)
+        self.module = torch.compile(graph) if compile else graph
+        self.device = device
+        self.metadata = metadata
+        self.graph_sha256 = ""
+        layout = ", channels_last" if channels_last else ""
+        self.name = f"torch ({device.type}, {metadata.precision}{layout}{', compiled' if compile else ''})"
+
+    @torch.inference_mode()
+    def __call__(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        batch = torch.from_numpy(np.ascontiguousarray(pixels)).to(self.device, non_blocking=True)
+        values, indices = self.module(batch)
+        return values.cpu().numpy(), indices.cpu().numpy()
+
+
+def cuda_available() -> bool:
+    return torch.cuda.is_available()
+
+
+def tensorrt_importable() -> bool:
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def onnxruntime_providers() -> list[str]:
+    import onnxruntime as ort
+
+    return ort.get_available_providers()
+
+
+def choose_backend(kind: str) -> str:
+    """Resolve "auto": TensorRT (importable + CUDA GPU) > ONNX Runtime CUDA > ONNX Runtime CPU."""
+    if kind not in BACKENDS:
+        raise UsageError(f"unknown backend {kind!r}; choose from {', '.join(BACKENDS)}")
+    if kind != "auto":
+        return kind
+    if cuda_available() and tensorrt_importable():
+        return "tensorrt"
+    return "onnxruntime"
+
+
+def ort_providers(precision: str | None) -> tuple[list[str], str]:
+    """ONNX Runtime providers to ask for, best first, and the graph precision to feed them."""
+    available = onnxruntime_providers()
+    if "CUDAExecutionProvider" in available and cuda_available():
+        wanted = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+        return [p for p in wanted if p in available], precision or "fp16"
+    return ["CPUExecutionProvider"], precision or "fp32"
+
+
+def open_backend(
+    kind: str = "auto",
+    *,
+    teacher: str = "efficientnet_lite0",
+    checkpoint: str | Path | None = None,
+    size: int | None = None,
+    topk: int = 5,
+    engines_dir: str | Path = "engines",
+    device: str | None = None,
+    precision: str | None = None,
+    max_batch: int = 64,
+    pretrained: bool = True,
+    log: Callable[[str], None] = print,
+) -> Backend:
+    """Open a backend for a teacher, building its ONNX graphs (and engine) when missing.
+
+    kind: "auto" | "onnxruntime" | "torch" | "tensorrt". precision: "fp32" | "fp16" (default fp32
+    on CPU, fp16 on a GPU). device (torch backend): "cpu", "cuda", "cuda:1", ... (default: CUDA when
+    present). max_batch: the largest batch the TensorRT profile accepts.
+    """
+    resolved = choose_backend(kind)
+    if resolved == "torch":
+        return _torch_backend(teacher, checkpoint, size, topk, device, precision, pretrained)
+    graphs = build_graphs(teacher, checkpoint, size, topk, engines_dir, pretrained=pretrained, log=log)
+    if resolved == "tensorrt":
+        from trt_relabel.tensorrt_engine import TensorRTBackend, build_engine
+
+        engine = build_engine(graphs.fp16, max_batch=max_batch, log=log)
+        return TensorRTBackend(engine)
+    providers, graph_precision = ort_providers(precision)
+    graph = graphs.fp16 if graph_precision == "fp16" else graphs.fp32
+    backend = OnnxRuntimeBackend(graph, dataclasses.replace(graphs.metadata, precision=graph_precision), providers)
+    if backend.fell_back:
+        log(f"ONNX Runtime could not start {providers[0]} (its libraries are missing); running {backend.name}")
+    return backend
+
+
+def _torch_backend(
+    teacher: str,
+    checkpoint: str | Path | None,
+    size: int | None,
+    topk: int,
+    device: str | None,
+    precision: str | None,
+    pretrained: bool,
+) -> TorchBackend:
+    target = torch.device(device or ("cuda" if cuda_available() else "cpu"))
+    if target.type == "cuda" and not cuda_available():
+        raise BackendError(f"device {device}: no CUDA GPU is available")
+    precision = precision or ("fp16" if target.type == "cuda" else "fp32")
+    prepared = prepare_teacher(teacher, checkpoint, size, topk, pretrained)
+    graph = relabel_graph(prepared, precision)
+    metadata = dataclasses.replace(prepared.metadata, precision=precision)
+    return TorchBackend(graph, metadata, target, channels_last=target.type == "cuda")

@@ -1,0 +1,298 @@
+"""The relabel graph and its ONNX export (fp32 and strongly typed FP16).
+
+Graph contract (the same for the torch module, the ONNX graphs and the TensorRT engine):
+
+- input ``pixels``: uint8 [B, S, S, 3], NHWC RGB, the whole image already resized to S x S with
+  :func:`trt_relabel.images.resize_whole` and the teacher's interpolation. Normalisation
+  (``x / 255 - mean) / std``) happens inside the graph.
+- outputs ``values``: [B, k, h, w] top-k logits per cell, descending along k (float32, or float16
+  for the FP16 graph), and ``indices``: int32 [B, k, h, w] their class indices. TopK runs inside
+  the graph, so the full [B, C, h, w] map never leaves the device.
+- batch dynamic, spatial size fixed; metadata (:class:`GraphMetadata`) stored in the model's
+  ``metadata_props`` under the key ``trt_relabel``, so a graph file alone says how to feed it.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from trt_relabel import __version__
+from trt_relabel.errors import RelabelError
+from trt_relabel.teacher import (
+    FullyConvolutional,
+    TeacherConfig,
+    create_teacher,
+    get_teacher_config,
+    map_size,
+    to_fully_convolutional,
+    weights_hash,
+)
+
+METADATA_KEY = "trt_relabel"
+INPUT_NAME = "pixels"
+OUTPUT_NAMES = ("values", "indices")
+#: Largest batch the exported graphs accept (the batch dimension is dynamic up to this).
+MAX_EXPORT_BATCH = 4096
+#: fp32 graph vs PyTorch: largest allowed absolute difference of the top-k logits at build time.
+EXPORT_TOLERANCE = 1e-3
+
+
+class ExportError(RelabelError):
+    """The graph could not be exported or failed its parity check."""
+
+
+@dataclass(frozen=True)
+class GraphMetadata:
+    """What a relabel graph computes and how to feed it (stored inside every graph file).
+
+    `teacher_hash` is a content hash of the teacher's weights and the options (size, k), shared by
+    the fp32 and FP16 graphs and every backend built from them.
+    """
+
+    teacher: str
+    architecture: str
+    input_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str
+    topk: int
+    num_classes: int
+    map_size: tuple[int, int]
+    precision: str
+    teacher_hash: str
+    tool_version: str = __version__
+    input_layout: str = "NHWC uint8 RGB"
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> GraphMetadata:
+        data = json.loads(text)
+        for key in ("mean", "std", "map_size"):
+            data[key] = tuple(data[key])
+        return cls(**data)
+
+
+@dataclass
+class PreparedTeacher:
+    """A fully convolutional teacher ready for export or eager inference (CPU, float32)."""
+
+    config: TeacherConfig
+    fcn: FullyConvolutional
+    metadata: GraphMetadata  # precision "fp32"
+
+
+class RelabelGraph(nn.Module):
+    """pixels uint8 [B, S, S, 3] (NHWC RGB) -> (values [B, k, h, w], indices int32 [B, k, h, w]).
+
+    Computes in the dtype of the teacher's parameters (float32 or float16).
+    """
+
+    def __init__(self, fcn: FullyConvolutional, mean: tuple[float, ...], std: tuple[float, ...], topk: int):
+        super().__init__()
+        self.fcn = fcn
+        self.topk = topk
+        dtype = next(fcn.parameters()).dtype
+        std_t = torch.tensor(std, dtype=torch.float64).view(1, 3, 1, 1)
+        mean_t = torch.tensor(mean, dtype=torch.float64).view(1, 3, 1, 1)
+        self.register_buffer("scale", (1.0 / (255.0 * std_t)).to(dtype))
+        self.register_buffer("shift", (-mean_t / std_t).to(dtype))
+
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = pixels.permute(0, 3, 1, 2).to(self.scale.dtype) * self.scale + self.shift
+        values, indices = torch.topk(self.fcn(x), self.topk, dim=1)
+        return values, indices.to(torch.int32)
+
+
+def prepare_teacher(
+    teacher: str = "efficientnet_lite0",
+    checkpoint: str | Path | None = None,
+    size: int | None = None,
+    topk: int = 5,
+    pretrained: bool = True,
+) -> PreparedTeacher:
+    """Create, load and convert a teacher; compute its metadata and content hash."""
+    config = get_teacher_config(teacher, size)
+    if not 1 <= topk <= config.num_classes:
+        raise RelabelError(f"top-k must be in [1, {config.num_classes}], got {topk}")
+    fcn = to_fully_convolutional(create_teacher(config, checkpoint, pretrained), config.input_size)
+    options = {"config": dataclasses.asdict(config), "topk": topk, "weights": weights_hash(fcn)}
+    content_hash = hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest()
+    metadata = GraphMetadata(
+        teacher=config.name,
+        architecture=config.architecture,
+        input_size=config.input_size,
+        mean=config.mean,
+        std=config.std,
+        interpolation=config.interpolation,
+        topk=topk,
+        num_classes=config.num_classes,
+        map_size=map_size(fcn, config.input_size),
+        precision="fp32",
+        teacher_hash=content_hash[:16],
+    )
+    return PreparedTeacher(config, fcn, metadata)
+
+
+def relabel_graph(prepared: PreparedTeacher, precision: str = "fp32") -> RelabelGraph:
+    """The torch relabel module in `precision` "fp32" (shares `prepared`'s weights) or "fp16" (a copy)."""
+    if precision not in ("fp32", "fp16"):
+        raise ExportError(f"precision must be fp32 or fp16, got {precision!r}")
+    graph = RelabelGraph(prepared.fcn, prepared.config.mean, prepared.config.std, prepared.metadata.topk)
+    if precision == "fp16":
+        graph = copy.deepcopy(graph).half()
+    return graph.eval()
+
+
+@dataclass(frozen=True)
+class BuiltGraphs:
+    """The exported graph files and what they compute. `skipped`: both existed and were reused."""
+
+    fp32: Path
+    fp16: Path
+    metadata: GraphMetadata
+    skipped: bool
+
+
+def graph_stem(metadata: GraphMetadata) -> str:
+    """File name stem shared by a teacher's graphs and engines: `<teacher>-<S>-k<k>-<hash>`."""
+    slug = metadata.teacher.replace(":", "_").replace("/", "_")
+    return f"{slug}-{metadata.input_size}-k{metadata.topk}-{metadata.teacher_hash[:12]}"
+
+
+def read_graph_metadata(path: str | Path) -> GraphMetadata:
+    """The :class:`GraphMetadata` stored in a relabel ONNX graph (external weights are not read)."""
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # noqa: BLE001 - any parse failure is one expected error
+        raise ExportError(f"{path}: not a readable ONNX file ({type(e).__name__})") from None
+    props = {p.key: p.value for p in model.metadata_props}
+    if METADATA_KEY not in props:
+        raise ExportError(f"{path}: no trt-relabel metadata; export it with `trt-relabel build-engine`")
+    return GraphMetadata.from_json(props[METADATA_KEY])
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def export_onnx(graph: RelabelGraph, metadata: GraphMetadata, path: Path) -> Path:
+    """Export `graph` with the dynamo exporter (batch dynamic, S fixed) and store `metadata`.
+
+    Written atomically: the files appear under their final names only once complete. Graphs over
+    1 GiB of weights keep them in `<path>.data` beside the graph.
+    """
+    size = metadata.input_size
+    example = torch.zeros(2, size, size, 3, dtype=torch.uint8)
+    batch = torch.export.Dim("batch", min=1, max=MAX_EXPORT_BATCH)
+    try:
+        program = torch.onnx.export(
+            graph,
+            (example,),
+            dynamo=True,
+            input_names=[INPUT_NAME],
+            output_names=list(OUTPUT_NAMES),
+            dynamic_shapes=({0: batch},),
+            verbose=False,
+        )
+    except Exception as e:  # noqa: BLE001 - the exporter raises many kinds
+        raise ExportError(f"{metadata.architecture}: ONNX export failed: {str(e).splitlines()[0]}") from None
+    program.model.metadata_props[METADATA_KEY] = metadata.to_json()
+    weight_bytes = sum(p.numel() * p.element_size() for p in graph.parameters())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".export-") as tmp:
+        staged = Path(tmp) / path.name
+        program.save(str(staged), external_data=weight_bytes > 1 << 30)
+        for extra in Path(tmp).iterdir():
+            if extra != staged:
+                os.replace(extra, path.parent / extra.name)
+        os.replace(staged, path)
+    return path
+
+
+def check_parity(graph_path: Path, graph: RelabelGraph, pixels: np.ndarray) -> float:
+    """Max abs difference of the top-k logits between ONNX Runtime (CPU) and the torch module."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(graph_path), providers=["CPUExecutionProvider"])
+    onnx_values, _ = session.run(None, {INPUT_NAME: pixels})
+    with torch.no_grad():
+        torch_values, _ = graph(torch.from_numpy(pixels))
+    return float(np.abs(onnx_values.astype(np.float64) - torch_values.double().numpy()).max())
+
+
+def probe_pixels(size: int, batch: int = 2, seed: int = 0) -> np.ndarray:
+    """A smooth, image-like uint8 [batch, size, size, 3] probe (gradients and blobs, seeded)."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.integers(0, 256, (batch, 8, 8, 3)).astype(np.float32)
+    t = torch.from_numpy(coarse).permute(0, 3, 1, 2)
+    up = torch.nn.functional.interpolate(t, size=(size, size), mode="bilinear", align_corners=False)
+    return up.permute(0, 2, 3, 1).round().clamp(0, 255).to(torch.uint8).numpy()
+
+
+def build_graphs(
+    teacher: str = "efficientnet_lite0",
+    checkpoint: str | Path | None = None,
+    size: int | None = None,
+    topk: int = 5,
+    out_dir: str | Path = "engines",
+    pretrained: bool = True,
+    verify: bool = True,
+    log: Callable[[str], None] = print,
+) -> BuiltGraphs:
+    """Export the fp32 and FP16 relabel graphs of a teacher into `out_dir`.
+
+    File names carry the teacher's content hash (weights + options): an unchanged teacher reuses
+    the existing files (`skipped=True`). With `verify`, the fp32 graph must match PyTorch within
+    :data:`EXPORT_TOLERANCE` on a probe batch, and the FP16 graph must pass the ONNX checker.
+    """
+    prepared = prepare_teacher(teacher, checkpoint, size, topk, pretrained)
+    out_dir = Path(out_dir)
+    stem = graph_stem(prepared.metadata)
+    paths = {p: out_dir / f"{stem}.{p}.onnx" for p in ("fp32", "fp16")}
+    if all(_graph_matches(paths[p], dataclasses.replace(prepared.metadata, precision=p)) for p in paths):
+        return BuiltGraphs(paths["fp32"], paths["fp16"], prepared.metadata, skipped=True)
+    for precision, path in paths.items():
+        metadata = dataclasses.replace(prepared.metadata, precision=precision)
+        graph = relabel_graph(prepared, precision)
+        log(f"exporting {precision} graph of {metadata.teacher} at {metadata.input_size} -> {path}")
+        export_onnx(graph, metadata, path)
+        if verify and precision == "fp32":
+            error = check_parity(path, graph, probe_pixels(metadata.input_size))
+            if not error <= EXPORT_TOLERANCE:
+                path.unlink()
+                raise ExportError(f"{path}: ONNX Runtime differs from PyTorch by {error:.2e} (> {EXPORT_TOLERANCE})")
+        if verify and precision == "fp16":
+            import onnx
+
+            onnx.checker.check_model(str(path))
+    return BuiltGraphs(paths["fp32"], paths["fp16"], prepared.metadata, skipped=False)
+
+
+def _graph_matches(path: Path, metadata: GraphMetadata) -> bool:
+    if not path.is_file():
+        return False
+    try:
+        found = read_graph_metadata(path)
+    except ExportError:
+        return False
+    return dataclasses.replace(found, tool_version=metadata.tool_version) == metadata
