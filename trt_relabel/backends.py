@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Callable
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Protocol
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,7 +35,7 @@ class BackendError(RelabelError):
     """A backend that is not available here, or failed to start."""
 
 
-class Backend(Protocol):
+class Backend(ABC):
     """`name` says which runtime (and provider/device/precision) runs; `graph_sha256` identifies the
     graph file it runs ("" for eager torch)."""
 
@@ -42,10 +43,18 @@ class Backend(Protocol):
     metadata: GraphMetadata
     graph_sha256: str
 
-    def __call__(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
+    @abstractmethod
+    def __call__(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """pixels uint8 [B, S, S, 3] -> (values [B, k, h, w], indices int32 [B, k, h, w])."""
+
+    def stream(self, batches: Iterable[tuple[Any, np.ndarray]]) -> Iterator[tuple[Any, np.ndarray, np.ndarray]]:
+        """Label `(tag, pixels)` batches in order, yielding `(tag, values, indices)`; backends that can
+        overlap transfers with compute (TensorRT) do so here."""
+        for tag, pixels in batches:
+            yield (tag, *self(pixels))
 
 
-class OnnxRuntimeBackend:
+class OnnxRuntimeBackend(Backend):
     """An ONNX Runtime session over a relabel graph.
 
     `providers` in preference order; ONNX Runtime silently drops providers whose libraries are
@@ -74,7 +83,7 @@ class OnnxRuntimeBackend:
         return values, indices
 
 
-class TorchBackend:
+class TorchBackend(Backend):
     """The eager PyTorch reference (CPU or CUDA). fp16 and channels_last are for CUDA."""
 
     def __init__(
@@ -167,8 +176,10 @@ def open_backend(
     if resolved == "tensorrt":
         from trt_relabel.tensorrt_engine import TensorRTBackend, build_engine
 
-        engine = build_engine(graphs.fp16, max_batch=max_batch, log=log)
-        return TensorRTBackend(engine)
+        if not cuda_available():
+            raise BackendError("the tensorrt backend needs a CUDA GPU; none is available here")
+        plan = build_engine(graphs.fp16, max_batch=max_batch, rebuild_stale=False, log=log)
+        return TensorRTBackend(plan, max_batch)
     providers, graph_precision = ort_providers(precision)
     graph = graphs.fp16 if graph_precision == "fp16" else graphs.fp32
     backend = OnnxRuntimeBackend(graph, dataclasses.replace(graphs.metadata, precision=graph_precision), providers)

@@ -80,10 +80,11 @@ class GraphMetadata:
 
     @classmethod
     def from_json(cls, text: str) -> GraphMetadata:
-        data = json.loads(text)
-        for key in ("mean", "std", "map_size"):
-            data[key] = tuple(data[key])
-        return cls(**data)
+        return cls.from_dict(json.loads(text))
+
+    @classmethod
+    def from_dict(cls, data: dict) -> GraphMetadata:
+        return cls(**{**data, **{key: tuple(data[key]) for key in ("mean", "std", "map_size")}})
 
 
 @dataclass
