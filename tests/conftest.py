@@ -50,3 +50,13 @@ def image_folder(tmp_path_factory, photos) -> Path:
         img.resize((w // 2, h // 2)).save(root / cls / f"{name}_small.JPEG", quality=90)
         img.crop((w // 8, h // 8, w - w // 8, h - h // 8)).save(root / cls / f"{name}_crop.jpeg")
     return root
+
+
+@pytest.fixture(scope="session")
+def bundled_graphs(tmp_path_factory):
+    """The bundled teacher's fp32 and FP16 graphs at its default 475 (15x15 maps, top-5), exported once
+    per test session into a temporary engines folder (`bundled_graphs.fp32.parent`): exporting is the
+    slowest step of the suite, so every test that needs a graph shares these."""
+    from trt_relabel.export import build_graphs
+
+    return build_graphs(out_dir=tmp_path_factory.mktemp("engines"), log=lambda _: None)

@@ -16,15 +16,15 @@ import torch
 from conftest import CAT_CLASSES, COFFEE_CLASS, UNIFORM_CLASS
 from PIL import Image
 
-from trt_relabel.export import build_graphs, prepare_teacher, read_graph_metadata, relabel_graph
+from trt_relabel.export import prepare_teacher, read_graph_metadata, relabel_graph
 from trt_relabel.images import resize_whole
 
 SIZE = 475
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    return build_graphs(out_dir=tmp_path_factory.mktemp("engines"), size=SIZE, log=lambda _: None)
+def built(bundled_graphs):
+    return bundled_graphs
 
 
 @pytest.fixture(scope="module")

@@ -172,12 +172,13 @@ def open_backend(
     resolved = choose_backend(kind)
     if resolved == "torch":
         return _torch_backend(teacher, checkpoint, size, topk, device, precision, pretrained)
+    if resolved == "tensorrt" and not (cuda_available() and tensorrt_importable()):
+        missing = "a CUDA GPU" if tensorrt_importable() else "the tensorrt package (pip install 'trt-relabel[gpu]')"
+        raise BackendError(f"the tensorrt backend needs TensorRT and a CUDA GPU; {missing} is missing here")
     graphs = build_graphs(teacher, checkpoint, size, topk, engines_dir, pretrained=pretrained, log=log)
     if resolved == "tensorrt":
         from trt_relabel.tensorrt_engine import TensorRTBackend, build_engine
 
-        if not cuda_available():
-            raise BackendError("the tensorrt backend needs a CUDA GPU; none is available here")
         plan = build_engine(graphs.fp16, max_batch=max_batch, rebuild_stale=False, log=log)
         return TensorRTBackend(plan, max_batch)
     providers, graph_precision = ort_providers(precision)

@@ -55,7 +55,7 @@ class EngineSidecar:
     graph_sha256: str
     io: dict[str, dict[str, Any]]
     profile: tuple[int, int, int]
-    metadata: dict[str, Any]
+    metadata: GraphMetadata
     built_at: str
 
     def save(self, path: Path) -> None:
@@ -66,6 +66,7 @@ class EngineSidecar:
         try:
             data = json.loads(path.read_text())
             data["profile"] = tuple(data["profile"])
+            data["metadata"] = GraphMetadata.from_dict(data["metadata"])
             return cls(**data)
         except (OSError, ValueError, TypeError, KeyError) as e:
             raise EngineError(f"{path}: unreadable engine sidecar ({type(e).__name__}: {e})") from None
@@ -114,7 +115,7 @@ def check_sidecar(sidecar: EngineSidecar, env: Environment, plan: Path, max_batc
 
     The error names the command that rebuilds it.
     """
-    rebuild = rebuild_command(GraphMetadata.from_dict(sidecar.metadata), plan.parent)
+    rebuild = rebuild_command(sidecar.metadata, plan.parent)
     if sidecar.tensorrt_version != env.tensorrt_version:
         raise EngineError(
             f"{plan}: built with TensorRT {sidecar.tensorrt_version}, this is TensorRT {env.tensorrt_version}; "
@@ -172,7 +173,7 @@ def build_engine(
         graph_sha256=graph_sha,
         io=io,
         profile=profile,
-        metadata=dataclasses.asdict(read_graph_metadata(graph)),
+        metadata=read_graph_metadata(graph),
         built_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     ).save(sidecar_path)
     return plan
@@ -229,7 +230,7 @@ class TensorRTBackend(Backend):
         plan = Path(plan)
         sidecar = EngineSidecar.load(plan.with_suffix(".json"))
         check_sidecar(sidecar, current_environment(device), plan, max_batch)
-        self.metadata = GraphMetadata.from_dict(sidecar.metadata)
+        self.metadata = sidecar.metadata
         self.graph_sha256 = sidecar.graph_sha256
         self.max_batch = sidecar.profile[2]
         self.device = torch.device("cuda", device)
