@@ -9,47 +9,25 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+
+from trt_relabel.samples import sample_photos, write_sample_folder
 
 COFFEE_CLASS = 967  # espresso
 CAT_CLASSES = (281, 282, 285)  # tabby, tiger cat, Egyptian cat
 UNIFORM_CLASS = 652  # military uniform (Grace Hopper)
 
 
-def _grace_hopper() -> np.ndarray:
-    import matplotlib
-
-    path = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
-    return np.asarray(Image.open(path).convert("RGB"))
-
-
 @pytest.fixture(scope="session")
 def photos() -> dict[str, np.ndarray]:
     """name -> uint8 RGB [H, W, 3]: coffee (967), chelsea (281/282/285), rocket, grace_hopper (652)."""
-    import skimage.data
-
-    return {
-        "coffee": skimage.data.coffee(),
-        "chelsea": skimage.data.chelsea(),
-        "rocket": skimage.data.rocket(),
-        "grace_hopper": _grace_hopper(),
-    }
+    return sample_photos()
 
 
 @pytest.fixture(scope="session")
 def image_folder(tmp_path_factory, photos) -> Path:
     """A small ImageFolder (class folders `cat`, `coffee`, `uniform`) of real photos and resized,
-    flipped and cropped copies of them, saved as JPEG and PNG."""
-    root = tmp_path_factory.mktemp("imagefolder")
-    for cls, name in (("cat", "chelsea"), ("coffee", "coffee"), ("uniform", "grace_hopper")):
-        (root / cls).mkdir()
-        img = Image.fromarray(photos[name])
-        w, h = img.size
-        img.save(root / cls / f"{name}.jpg", quality=92)
-        img.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(root / cls / f"{name}_flip.png")
-        img.resize((w // 2, h // 2)).save(root / cls / f"{name}_small.JPEG", quality=90)
-        img.crop((w // 8, h // 8, w - w // 8, h - h // 8)).save(root / cls / f"{name}_crop.jpeg")
-    return root
+    flipped and cropped copies of them, saved as JPEG and PNG (12 images)."""
+    return write_sample_folder(tmp_path_factory.mktemp("imagefolder"), photos)
 
 
 @pytest.fixture(scope="session")
