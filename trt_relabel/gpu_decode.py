@@ -13,18 +13,21 @@ run bit for bit.
 
 from __future__ import annotations
 
+import re
+
 import torch
 import torch.nn.functional as F
 from torchvision.io import ImageReadMode, decode_jpeg
 
 JPEG_MAGIC = b"\xff\xd8\xff"
-#: Adobe APP14 marker segment: present in CMYK/YCCK JPEGs, which nvJPEG does not convert like Pillow.
-_ADOBE_MARKER = b"\xff\xeeAdobe"
+#: Adobe APP14 segment (marker, 2 length bytes, "Adobe"): CMYK/YCCK JPEGs carry it, and nvJPEG does
+#: not convert them the way Pillow does. The rare RGB JPEGs with it take the CPU path too.
+_ADOBE_SEGMENT = re.compile(rb"\xff\xee..Adobe", re.DOTALL)
 
 
 def is_gpu_decodable(data: bytes) -> bool:
     """True for JPEG data nvJPEG can decode to RGB the way Pillow does (not Adobe CMYK/YCCK)."""
-    return data.startswith(JPEG_MAGIC) and _ADOBE_MARKER not in data[:65536]
+    return data.startswith(JPEG_MAGIC) and _ADOBE_SEGMENT.search(data, 0, 65536) is None
 
 
 def resize_on_gpu(image: torch.Tensor, size: int, interpolation: str) -> torch.Tensor:
