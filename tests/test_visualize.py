@@ -1,0 +1,177 @@
+"""show / stats on a hand-made label store over real photos, checked against independent numpy
+(and torchvision roi_align) computations, plus the real CLI in subprocesses."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.ops import roi_align
+
+from trt_relabel.classes import class_names
+from trt_relabel.errors import RelabelError, UsageError
+from trt_relabel.images import ImageEntry, list_images
+from trt_relabel.store import LabelStore, StoreSpec, create_store
+from trt_relabel.visualize import locate_image, show_label_map, store_stats
+
+CLI = Path(sys.executable).parent / "trt-relabel"
+MAP_SIZE = (6, 8)  # not square: catches swapped axes
+TOPK = 3
+FAILED_ROW = 2
+THRESHOLD = 0.2
+
+
+def run_cli(*args: str | Path) -> subprocess.CompletedProcess:
+    return subprocess.run([CLI, *map(str, args)], capture_output=True, text=True, timeout=120)
+
+
+def hand_made_maps(samples: list[ImageEntry]) -> tuple[np.ndarray, np.ndarray]:
+    """Per row: a main class (the folder class for two rows in three, another class otherwise),
+    a second class whose strength varies by row (some rows multi-label) and leads in the left
+    quarter of the map, and a weak third class. float32 [N, 3, h, w], int64 [N, 3, h, w]."""
+    rng = np.random.default_rng(0)
+    height, width = MAP_SIZE
+    values = np.empty((len(samples), TOPK, height, width), np.float32)
+    indices = np.empty((len(samples), TOPK, height, width), np.int64)
+    for row, sample in enumerate(samples):
+        main = sample.class_index if row % 3 and sample.class_index >= 0 else 400 + row
+        second, third = 700 + row, 900 - row
+        logits = np.stack(
+            [
+                np.full(MAP_SIZE, 9.0),
+                np.full(MAP_SIZE, 9.0 - 0.6 * (row % 6)),
+                np.full(MAP_SIZE, 3.0),
+            ]
+        ) + rng.normal(0, 0.3, (TOPK, *MAP_SIZE))
+        classes = np.stack([np.full(MAP_SIZE, c) for c in (main, second, third)])
+        logits[1, :, : width // 4] = logits[0, :, : width // 4] + 2  # the second class leads on the left
+        order = np.argsort(-logits, axis=0)
+        values[row] = np.take_along_axis(logits, order, axis=0)
+        indices[row] = np.take_along_axis(classes, order, axis=0)
+    return values, indices
+
+
+@pytest.fixture(scope="module")
+def labelled(image_folder, tmp_path_factory) -> tuple[Path, Path]:
+    """(data folder, store): the conftest photos plus three flat-folder rows (class -1); row 2 failed."""
+    samples = list_images(image_folder) + [ImageEntry(f"flat/extra{i}.jpg", -1) for i in range(3)]
+    values, indices = hand_made_maps(samples)
+    store = tmp_path_factory.mktemp("visualize") / "store"
+    writer = create_store(store, StoreSpec("hand", "hand-1", "", 224, MAP_SIZE, TOPK), samples)
+    good = np.array([r for r in range(len(samples)) if r != FAILED_ROW])
+    writer.write(good, values[good], indices[good])
+    writer.mark_failed(FAILED_ROW, samples[FAILED_ROW].path, "test failure")
+    writer.finish()
+    return image_folder, store
+
+
+def dense_maps(store: LabelStore) -> np.ndarray:
+    """float64 [N, C, h, w]: the top-k scattered into zeros, as the trainer sees it."""
+    dense = np.zeros((len(store), store.num_classes, *store.map_size))
+    np.put_along_axis(dense, store.indices.astype(np.int64), store.values.astype(np.float64), axis=1)
+    return dense
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    exp = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    return exp / exp.sum(axis=-1, keepdims=True)
+
+
+def test_stats_match_numpy(labelled):
+    _, path = labelled
+    store = LabelStore(path)
+    stats = store_stats(store, threshold=THRESHOLD, chunk_rows=4)
+
+    rows = np.flatnonzero(store.labelled())
+    targets = softmax(dense_maps(store)[rows].mean(axis=(2, 3)))
+    classes = np.array([s.class_index for s in store.samples])[rows]
+    ranked = np.sort(targets, axis=1)[:, ::-1]
+    assert (np.abs(ranked[:, 1] - THRESHOLD) > 1e-3).all() and (ranked[:, 0] - ranked[:, 1] > 1e-3).all()
+    with_class = classes >= 0
+    entropies = -(targets * np.log(targets)).sum(axis=1)
+
+    assert (stats.num_samples, stats.num_labelled, stats.num_failed, stats.num_pending) == (15, 14, 1, 0)
+    assert stats.num_with_class == with_class.sum() == 11
+    assert stats.num_agree == (targets.argmax(1) == classes)[with_class].sum()
+    assert 0 < stats.num_agree < stats.num_with_class
+    assert stats.num_multi_label == (ranked[:, 1] > THRESHOLD).sum()
+    assert 0 < stats.num_multi_label < stats.num_labelled
+    assert stats.agreement == stats.num_agree / stats.num_with_class
+    np.testing.assert_allclose(stats.entropies, entropies, rtol=1e-4)
+    assert stats.entropy_mean == pytest.approx(entropies.mean(), rel=1e-4)
+    np.testing.assert_allclose(stats.entropy_quartiles, np.quantile(entropies, [0.25, 0.5, 0.75]), rtol=1e-4)
+
+
+def test_stats_cli_json_and_plot(labelled, tmp_path):
+    _, path = labelled
+    result = run_cli("stats", path, "--json", "--threshold", str(THRESHOLD), "--plot", tmp_path / "stats.png")
+    assert result.returncode == 0, result.stderr
+    expected = store_stats(LabelStore(path), threshold=THRESHOLD).to_dict()
+    printed = json.loads(result.stdout)
+    assert printed == json.loads(json.dumps(expected))
+    assert Image.open(tmp_path / "stats.png").size == (1200, 600)
+
+
+def test_show_pools_the_box_like_roi_align(labelled, tmp_path):
+    data, path = labelled
+    store = LabelStore(path)
+    row, photo = locate_image(store, "cat/chelsea.jpg", data)
+    assert photo == data / "cat" / "chelsea.jpg"
+    box = (0.1, 0.2, 0.7, 0.9)
+    top5 = show_label_map(store, row, photo, tmp_path / "show.png", box=box)
+    assert Image.open(tmp_path / "show.png").size == (1200, 600)
+
+    height, width = store.map_size
+    x1, y1, x2, y2 = box
+    roi = torch.tensor([[0, x1 * width - 0.5, y1 * height - 0.5, x2 * width - 0.5, y2 * height - 0.5]])
+    dense = torch.from_numpy(dense_maps(store)[row : row + 1]).float()
+    expected = softmax(roi_align(dense, roi, output_size=1, sampling_ratio=-1, aligned=False)[0, :, 0, 0].numpy())
+    best = np.argsort(-expected)[:TOPK]  # the map's 3 classes; then ties among the classes pooled to 0
+    assert [c for c, _ in top5[:TOPK]] == best.tolist()
+    np.testing.assert_allclose([p for _, p in top5], np.sort(expected)[::-1][:5], rtol=1e-5)
+    np.testing.assert_allclose([p for _, p in top5], expected[[c for c, _ in top5]], rtol=1e-5)
+    whole = show_label_map(store, row, photo, tmp_path / "whole.png", width=640, height=480)
+    assert whole != top5 and Image.open(tmp_path / "whole.png").size == (640, 480)
+
+
+def test_locate_image(labelled):
+    data, path = labelled
+    store = LabelStore(path)
+    expected_row = [s.path for s in store.samples].index("coffee/coffee_flip.png")
+    assert locate_image(store, None, data, row=expected_row) == (expected_row, data / "coffee/coffee_flip.png")
+    absolute = (data / "coffee" / "coffee_flip.png").resolve()
+    assert locate_image(store, absolute, None) == (expected_row, absolute)
+    assert locate_image(store, absolute, data) == (expected_row, absolute)
+    with pytest.raises(UsageError, match="needs --data"):
+        locate_image(store, "coffee/coffee_flip.png", None)
+    with pytest.raises(RelabelError, match="no sample"):
+        locate_image(store, data / "coffee" / "missing.png", data)
+    with pytest.raises(UsageError, match="rows 0 to 14"):
+        locate_image(store, None, data, row=15)
+
+
+def test_show_cli(labelled, tmp_path):
+    data, path = labelled
+    image = (data / "uniform" / "grace_hopper_small.JPEG").resolve()
+    result = run_cli("show", image, "--labels", path, "--out", tmp_path / "s.png", "--width", "900", "--height", "500")
+    assert result.returncode == 0, result.stderr
+    assert Image.open(tmp_path / "s.png").size == (900, 500)
+    store = LabelStore(path)
+    row = [s.path for s in store.samples].index("uniform/grace_hopper_small.JPEG")
+    top1 = softmax(dense_maps(store)[row].mean(axis=(1, 2))).argmax()
+    assert f"{top1} " in result.stderr and class_names()[top1] in result.stderr
+
+    no_data = run_cli("show", "uniform/grace_hopper.jpg", "--labels", path, "--out", tmp_path / "x.png")
+    assert no_data.returncode == 2 and "needs --data" in no_data.stderr
+    failed = run_cli("show", "--row", FAILED_ROW, "--labels", path, "--data", data, "--out", tmp_path / "y.png")
+    assert failed.returncode == 1 and "has no labels" in failed.stderr
+    bad_box = run_cli("show", image, "--labels", path, "--out", tmp_path / "z.png", "--box", "0.5,0.5,0.2,0.9")
+    assert bad_box.returncode == 2 and "x1 < x2" in bad_box.stderr
+    for errored in (no_data, failed, bad_box):
+        assert "Traceback" not in errored.stderr and not list(tmp_path.glob("[xyz].png"))

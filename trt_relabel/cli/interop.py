@@ -1,0 +1,212 @@
+"""`import-relabel`, `export-relabel`, `merge`, `show` and `stats`: the official ReLabel maps,
+teacher ensembles and a look inside a label store."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
+from rich.table import Table
+from rich.text import Text
+
+from trt_relabel.cli._app import app, console
+from trt_relabel.errors import UsageError
+
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Delete an existing store at --out and start over.")]
+WorkersOpt = Annotated[
+    int, typer.Option("--workers", "-j", min=1, help="Processes reading/writing the .pt files (~1 ms each).")
+]
+WidthOpt = Annotated[int, typer.Option("--width", min=200, help="PNG width in pixels.")]
+HeightOpt = Annotated[int, typer.Option("--height", min=150, help="PNG height in pixels.")]
+DEFAULT_WORKERS = min(8, os.cpu_count() or 1)
+
+
+class _RateColumn(ProgressColumn):
+    """Images per second."""
+
+    def render(self, task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text(f"{speed:,.0f} img/s" if speed else "- img/s", style="progress.data.speed")
+
+
+@contextmanager
+def _progress(description: str) -> Iterator:
+    """A rich progress bar (count, img/s, ETA) on stderr; yields the (done, total) callback of the API."""
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), _RateColumn())
+    with Progress(*columns, TimeRemainingColumn(), console=console) as progress:
+        task = progress.add_task(description, total=None)
+        yield lambda done, total: progress.update(task, completed=done, total=total)
+
+
+def _parse_floats(text: str, option: str, count: int | None = None) -> list[float]:
+    try:
+        numbers = [float(part) for part in text.split(",")]
+    except ValueError:
+        raise UsageError(f"{option} {text!r}: expected comma-separated numbers") from None
+    if count is not None and len(numbers) != count:
+        raise UsageError(f"{option} {text!r}: expected {count} comma-separated numbers")
+    return numbers
+
+
+@app.command("import-relabel")
+def import_relabel_command(
+    relabel_root: Annotated[Path, typer.Argument(help="Folder of the official maps: <wnid>/<image stem>.pt.")],
+    data: Annotated[Path, typer.Option("--data", help="ImageFolder of the training images (row order).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Label store to write (resumed if it exists).")],
+    overwrite: OverwriteOpt = False,
+    workers: WorkersOpt = DEFAULT_WORKERS,
+) -> None:
+    """Import the official ReLabel maps (EfficientNet-L2, top-5 of 15x15 cells, [2, 5, 15, 15] .pt
+    files) into a label store aligned with the ImageFolder --data, to train without a teacher.
+
+    Files are read with torch.load(weights_only=True); missing or bad ones are listed in the
+    store's errors.jsonl. The store keeps float16: float32 logits are rounded. Exit code 1 when
+    some failed.
+    """
+    from trt_relabel.interop import import_relabel
+
+    with _progress("importing") as progress:
+        summary = import_relabel(relabel_root, data, out, overwrite=overwrite, workers=workers, progress=progress)
+    console.print(
+        f"{summary.store}: {summary.imported} maps imported now, {summary.already_done} before, "
+        f"{summary.failed} failed of {summary.num_samples}"
+    )
+    if summary.failed:
+        console.print(f"[yellow]{summary.failed} inputs failed[/]: see {summary.errors_path}")
+        raise typer.Exit(1)
+
+
+@app.command("export-relabel")
+def export_relabel_command(
+    store: Annotated[Path, typer.Argument(help="Label store to export.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write <dir>/<image stem>.pt into.")],
+    workers: WorkersOpt = DEFAULT_WORKERS,
+) -> None:
+    """Write the labelled rows of a store in the official ReLabel layout: one float32 tensor
+    [2, k, h, w] per image ([0] logits, [1] class indices as floats), saved with torch.save."""
+    from trt_relabel.interop import export_relabel
+
+    with _progress("exporting") as progress:
+        written = export_relabel(store, out, workers=workers, progress=progress)
+    console.print(f"{out}: {written} label maps written")
+
+
+@app.command("merge")
+def merge_command(
+    stores: Annotated[list[Path], typer.Argument(help="Two or more complete, aligned label stores.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Merged label store to write.")],
+    weights: Annotated[
+        str | None, typer.Option("--weights", help="w1,w2,...: one positive weight per store (default: equal).")
+    ] = None,
+    topk: Annotated[
+        int | None, typer.Option("--topk", "-k", help="Classes kept per cell (default: the largest input k).")
+    ] = None,
+    overwrite: OverwriteOpt = False,
+) -> None:
+    """Ensemble teachers: per cell, the weighted mean of their logits over the union of their
+    top-k classes, keeping the new top-k.
+
+    A class missing from one teacher's top-k in a cell counts with that teacher's smallest kept
+    logit there (its k-th value: an upper bound of its true logit, which keeps the ranking
+    conservative). The stores must hold the same samples, map size and classes; rows failed in
+    any input fail in the output.
+    """
+    from trt_relabel.interop import merge_stores
+
+    weight_list = _parse_floats(weights, "--weights") if weights else None
+    with _progress("merging") as progress:
+        summary = merge_stores(stores, out, weights=weight_list, topk=topk, overwrite=overwrite, progress=progress)
+    console.print(
+        f"{summary.store}: {summary.merged} rows merged now, {summary.failed} failed of {summary.num_samples}"
+    )
+
+
+@app.command("show")
+def show_command(
+    labels: Annotated[Path, typer.Option("--labels", "-l", help="Label store.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="PNG to write.")],
+    image: Annotated[
+        str | None, typer.Argument(help="Sample path as in samples.tsv, or an image file inside --data.")
+    ] = None,
+    data: Annotated[
+        Path | None, typer.Option("--data", help="Data folder (needed for sample paths and --row).")
+    ] = None,
+    row: Annotated[int | None, typer.Option("--row", help="Row of the store instead of IMAGE.")] = None,
+    box: Annotated[
+        str | None, typer.Option("--box", help="x1,y1,x2,y2 normalised to [0, 1] (default: whole image).")
+    ] = None,
+    width: WidthOpt = 1200,
+    height: HeightOpt = 600,
+) -> None:
+    """Draw an image with its label map (top-1 class per cell as colours, legend with class
+    names), the --box outline and the top-5 classes of its soft target (LabelPooling + softmax)."""
+    from trt_relabel.classes import class_names
+    from trt_relabel.store import LabelStore
+    from trt_relabel.visualize import locate_image, show_label_map
+
+    store = LabelStore(labels)
+    row, photo = locate_image(store, image, data, row)
+    parsed_box = tuple(_parse_floats(box, "--box", 4)) if box else None
+    top5 = show_label_map(store, row, photo, out, box=parsed_box, width=width, height=height)
+    names = class_names(store.num_classes)
+    table = Table("class", "name", "probability", title=f"{store.samples[row].path}: soft target (top 5)")
+    for index, probability in top5:
+        table.add_row(str(index), names[index], f"{probability:.4f}")
+    console.print(table)
+    console.print(f"{out}: {width}x{height} PNG written")
+
+
+@app.command("stats")
+def stats_command(
+    store: Annotated[Path, typer.Argument(help="Label store.")],
+    plot: Annotated[Path | None, typer.Option("--plot", help="Also draw a PNG (entropies, agreement).")] = None,
+    threshold: Annotated[
+        float, typer.Option("--threshold", help="Multi-label when the 2nd class's probability is above this.")
+    ] = 0.2,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the numbers as JSON on stdout.")] = False,
+    width: WidthOpt = 1200,
+    height: HeightOpt = 600,
+) -> None:
+    """Statistics of the global soft targets (LabelPooling over the whole image, softmax): top-1
+    agreement with the folder class, multi-label images, entropy distribution."""
+    from trt_relabel.store import LabelStore
+    from trt_relabel.visualize import plot_stats, store_stats
+
+    with _progress("pooling") as progress:
+        stats = store_stats(LabelStore(store), threshold=threshold, progress=progress)
+    if as_json:
+        typer.echo(json.dumps(stats.to_dict(), indent=2))
+    else:
+        console.print(_stats_table(stats))
+    if plot:
+        plot_stats(stats, plot, width=width, height=height)
+        console.print(f"{plot}: {width}x{height} PNG written")
+
+
+def _percent(ratio: float | None) -> str:
+    return "-" if ratio is None else f"{ratio:.1%}"
+
+
+def _stats_table(stats) -> Table:
+    table = Table("", "", title=f"{stats.store} ({stats.teacher})", show_header=False)
+    table.add_row("images", str(stats.num_samples))
+    table.add_row("labelled / failed / pending", f"{stats.num_labelled} / {stats.num_failed} / {stats.num_pending}")
+    table.add_row(
+        "global top-1 = folder class", f"{stats.num_agree} of {stats.num_with_class} ({_percent(stats.agreement)})"
+    )
+    table.add_row(
+        f"multi-label (2nd class > {stats.threshold:g})",
+        f"{stats.num_multi_label} of {stats.num_labelled} ({_percent(stats.multi_label_fraction)})",
+    )
+    if stats.entropy_quartiles:
+        q1, median, q3 = stats.entropy_quartiles
+        table.add_row(
+            "entropy, nats (mean; quartiles)", f"{stats.entropy_mean:.3f}; {q1:.3f} / {median:.3f} / {q3:.3f}"
+        )
+    return table
