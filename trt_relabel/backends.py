@@ -30,6 +30,10 @@ from trt_relabel.export import (
 
 BACKENDS = ("auto", "onnxruntime", "torch", "tensorrt")
 
+#: A batch of uint8 [B, S, S, 3] pixels: NumPy, or a torch tensor on the CPU or a GPU
+#: (`generate --decode gpu` hands GPU tensors to the backend).
+Pixels = np.ndarray | torch.Tensor
+
 
 class BackendError(RelabelError):
     """A backend that is not available here, or failed to start."""
@@ -44,10 +48,10 @@ class Backend(ABC):
     graph_sha256: str
 
     @abstractmethod
-    def __call__(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def __call__(self, pixels: Pixels) -> tuple[np.ndarray, np.ndarray]:
         """pixels uint8 [B, S, S, 3] -> (values [B, k, h, w], indices int32 [B, k, h, w])."""
 
-    def stream(self, batches: Iterable[tuple[Any, np.ndarray]]) -> Iterator[tuple[Any, np.ndarray, np.ndarray]]:
+    def stream(self, batches: Iterable[tuple[Any, Pixels]]) -> Iterator[tuple[Any, np.ndarray, np.ndarray]]:
         """Label `(tag, pixels)` batches in order, yielding `(tag, values, indices)`; backends that can
         overlap transfers with compute (TensorRT) do so here."""
         for tag, pixels in batches:
@@ -78,7 +82,9 @@ class OnnxRuntimeBackend(Backend):
         self.metadata = metadata
         self.graph_sha256 = sha256_file(graph)
 
-    def __call__(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def __call__(self, pixels: Pixels) -> tuple[np.ndarray, np.ndarray]:
+        if isinstance(pixels, torch.Tensor):
+            pixels = pixels.cpu().numpy()
         values, indices = self.session.run(None, {INPUT_NAME: np.ascontiguousarray(pixels)})
         return values, indices
 
@@ -105,8 +111,9 @@ class TorchBackend(Backend):
         self.name = f"torch ({device.type}, {metadata.precision}{layout}{', compiled' if compile else ''})"
 
     @torch.inference_mode()
-    def __call__(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        batch = torch.from_numpy(np.ascontiguousarray(pixels)).to(self.device, non_blocking=True)
+    def __call__(self, pixels: Pixels) -> tuple[np.ndarray, np.ndarray]:
+        batch = pixels if isinstance(pixels, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(pixels))
+        batch = batch.to(self.device, non_blocking=True)
         values, indices = self.module(batch)
         return values.cpu().numpy(), indices.cpu().numpy()
 

@@ -127,6 +127,8 @@ def load_rgb(path: str | Path) -> Image.Image:
         raise ImageLoadError("not an image Pillow can identify") from None
     except FileNotFoundError:
         raise ImageLoadError("file not found") from None
+    except IsADirectoryError:
+        raise ImageLoadError("is a directory, not a file") from None
     except PermissionError:
         raise ImageLoadError("permission denied") from None
     except OSError as e:

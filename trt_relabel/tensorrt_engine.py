@@ -24,12 +24,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from trt_relabel.backends import Backend
+from trt_relabel.backends import Backend, Pixels
 from trt_relabel.errors import RelabelError
 from trt_relabel.export import INPUT_NAME, GraphMetadata, read_graph_metadata, sha256_file
-
-#: A batch of uint8 [B, S, S, 3] pixels: NumPy, or a torch tensor on the CPU or the GPU.
-Pixels = np.ndarray | torch.Tensor
 
 TIMING_CACHE_NAME = "tensorrt-timing.cache"
 #: Batches in flight in :meth:`TensorRTBackend.stream`: copy-in of n+1, compute of n, copy-out of n-1.

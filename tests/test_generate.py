@@ -1,0 +1,302 @@
+"""`generate` end to end on CPU: real photos, real ONNX Runtime sessions, real worker processes, a
+real kill -9, real torchrun. The teacher runs at its default 475 (15 x 15 maps), sharing one export."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import CAT_CLASSES, COFFEE_CLASS
+from PIL import Image
+
+from trt_relabel.cli import main
+from trt_relabel.generate import generate
+from trt_relabel.images import ImageEntry, list_images
+from trt_relabel.pooling import label_pooling
+from trt_relabel.store import LabelStore
+
+SIZE = 475
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="session")
+def engines(bundled_graphs) -> Path:
+    """The folder of the teacher's graphs at 475, exported once per test session (runs reuse them)."""
+    return bundled_graphs.fp32.parent
+
+
+def label(data: Path, out: Path, engines: Path, **options):
+    options = {"batch_size": 4, "workers": 1, **options}
+    return generate(data, out, size=SIZE, backend="onnxruntime", engines_dir=engines, progress=False, **options)
+
+
+def cli_args(data: Path, out: Path, engines: Path, *extra: str) -> list[str]:
+    return ["generate", str(data), "--out", str(out), "--size", str(SIZE), "--backend", "onnxruntime",
+            "--engines-dir", str(engines), *extra]  # fmt: skip
+
+
+def run_main(monkeypatch, capfd, args: list[str]) -> tuple[int, str]:
+    """The CLI in this process: (exit code, stderr of this process and its worker processes)."""
+    monkeypatch.setattr(sys, "argv", ["trt-relabel", *args])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    return exit_info.value.code or 0, capfd.readouterr().err
+
+
+def assert_same_store(a: Path, b: Path) -> None:
+    first, second = LabelStore(a), LabelStore(b)
+    assert np.array_equal(first.values, second.values)
+    assert np.array_equal(first.indices, second.indices)
+    assert np.array_equal(np.load(a / "status.npy"), np.load(b / "status.npy"))
+    for name in ("samples.tsv", "errors.jsonl"):
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    assert first.complete and second.complete
+
+
+def pooled_top(store: LabelStore, row: int, k: int = 1) -> list[int]:
+    """Top-k classes of the row's label map pooled over the whole image (LabelPooling, full box)."""
+    values, indices = (torch.from_numpy(a[None].astype(np.float32 if a.dtype == np.float16 else np.int64))
+                       for a in store[row])  # fmt: skip
+    pooled = label_pooling(values, indices, torch.tensor([[0.0, 0.0, 1.0, 1.0]]), store.num_classes)
+    return pooled[0].topk(k).indices.tolist()
+
+
+@pytest.fixture(scope="module")
+def reference(image_folder, engines, tmp_path_factory) -> Path:
+    """An uninterrupted one-process run over the ImageFolder: what every other way must equal."""
+    out = tmp_path_factory.mktemp("reference") / "store"
+    result = label(image_folder, out, engines)
+    assert (result.rows, result.labelled, result.failed, result.processed) == (12, 12, 0, 12)
+    assert result.complete and result.backend.startswith("onnxruntime")
+    return out
+
+
+def test_image_folder_labels(reference, image_folder):
+    store = LabelStore(reference)
+    assert store.samples == list_images(image_folder)
+    assert store.labelled().all() and store.errors() == []
+    assert (store.map_size, store.topk, store.manifest["input_size"]) == ((15, 15), 5, SIZE)
+    values = store.values.astype(np.float32)
+    assert (np.diff(values, axis=1) <= 0).all()  # top-k logits descend along k
+    for row, sample in enumerate(store.samples):
+        top = pooled_top(store, row, 2)
+        if sample.path in ("coffee/coffee.jpg", "coffee/coffee_flip.png"):
+            assert top[0] == COFFEE_CLASS, sample.path
+        if sample.path.startswith("coffee/"):  # crops and halves: espresso or consomme first
+            assert COFFEE_CLASS in top, sample.path
+        if sample.path.startswith("cat/"):
+            assert top[0] in CAT_CLASSES, sample.path
+
+
+def test_flat_folder(reference, image_folder, engines, tmp_path):
+    """The same picture gets the same labels whatever the layout; rows follow the sorted paths."""
+    reference_store = LabelStore(reference)
+    row_of = {s.path: i for i, s in enumerate(reference_store.samples)}
+    copies = {"coffee.jpg": "coffee/coffee.jpg", "chelsea_flip.png": "cat/chelsea_flip.png",
+              "more/grace_hopper_small.JPEG": "uniform/grace_hopper_small.JPEG"}  # fmt: skip
+    for name, source in copies.items():
+        (tmp_path / "flat" / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(image_folder / source, tmp_path / "flat" / name)
+    label(tmp_path / "flat", tmp_path / "flat_store", engines)
+    store = LabelStore(tmp_path / "flat_store")
+    assert store.samples == [ImageEntry(name, -1) for name in sorted(copies)]
+    expected = reference_store.gather([row_of[copies[name]] for name in sorted(copies)])
+    assert np.array_equal(store.values, expected[0]) and np.array_equal(store.indices, expected[1])
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def make_mixed_folder(root: Path, photo: np.ndarray) -> tuple[list[str], dict[str, str]]:
+    """Odd but valid images and bad inputs side by side. Returns (odd names, {bad name: reason part})."""
+    root.mkdir()
+    img = Image.fromarray(photo).resize((150, 100))
+    img.save(root / "plain.jpg")
+    img.convert("CMYK").save(root / "cmyk.jpg")
+    img.convert("L").save(root / "grey.png")
+    img.convert("P", palette=Image.Palette.ADAPTIVE).save(root / "palette_transparent.png", transparency=0)
+    rgba = img.copy()
+    rgba.putalpha(Image.linear_gradient("L").resize(img.size))
+    rgba.save(root / "alpha.png")
+    Image.fromarray(np.asarray(img.convert("L")).astype(np.uint16) * 257).save(root / "grey16.png")
+    assert Image.open(root / "grey16.png").mode == "I;16"
+
+    png, jpeg = io.BytesIO(), io.BytesIO()
+    img.save(png, "PNG")
+    img.save(jpeg, "JPEG")
+    corrupt = bytearray(png.getvalue())
+    corrupt[len(corrupt) // 2 : len(corrupt) // 2 + 40] = bytes(40)
+    (root / "corrupt.png").write_bytes(bytes(corrupt))
+    (root / "truncated.jpg").write_bytes(jpeg.getvalue()[: len(jpeg.getvalue()) // 2])
+    (root / "empty.jpg").write_bytes(b"")
+    (root / "text.jpg").write_text("this is not an image\n")
+    # A 30000 x 30000 PNG header over a few bytes of data: must be refused, never allocated.
+    header = struct.pack(">IIBBBBB", 30000, 30000, 8, 2, 0, 0, 0)
+    bomb = b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + _chunk(b"IDAT", zlib.compress(bytes(64)))
+    (root / "bomb.png").write_bytes(bomb + _chunk(b"IEND", b""))
+    # Inputs that cannot be read (chmod 000 does not stop root): named by a file list only, as
+    # the folder listing keeps regular files.
+    (root / "folder.jpg").mkdir()
+    (root / "dangling.jpg").symlink_to(root / "nowhere.jpg")
+    odd = ["alpha.png", "cmyk.jpg", "grey.png", "grey16.png", "palette_transparent.png", "plain.jpg"]
+    bad = {
+        "bomb.png": "decompression bomb",
+        "corrupt.png": "corrupt",
+        "dangling.jpg": "not found",
+        "empty.jpg": "empty file",
+        "folder.jpg": "directory",
+        "gone.jpg": "not found",
+        "text.jpg": "not an image",
+        "truncated.jpg": "truncated",
+    }
+    if os.geteuid() != 0:
+        (root / "locked.jpg").write_bytes(jpeg.getvalue())
+        (root / "locked.jpg").chmod(0)
+        bad["locked.jpg"] = "permission denied"
+    return odd, bad
+
+
+def test_odd_and_bad_inputs(photos, engines, tmp_path, monkeypatch, capfd):
+    data = tmp_path / "mixed"
+    odd, bad = make_mixed_folder(data, photos["coffee"])
+    listed = tmp_path / "list.txt"  # unsorted, with a comment, a blank line and a class index
+    names = sorted([*odd, *bad], reverse=True)
+    listed.write_text(
+        "# odd and bad inputs\n\n" + "".join(f"{n}\t7\n" if n == "plain.jpg" else f"{n}\n" for n in names)
+    )
+    out = tmp_path / "store"
+    code, err = run_main(monkeypatch, capfd, cli_args(data, out, engines, "--file-list", str(listed)))
+
+    assert code == 1
+    assert f"{len(bad)} failed (listed in {out / 'errors.jsonl'})" in err
+    assert "Traceback" not in err
+    store = LabelStore(out)
+    assert [s.path for s in store.samples] == sorted(names)
+    assert {s.class_index for s in store.samples if s.path != "plain.jpg"} == {-1}
+    assert ImageEntry("plain.jpg", 7) in store.samples
+    labelled = {s.path for s, ok in zip(store.samples, store.labelled(), strict=True) if ok}
+    assert labelled == set(odd)
+    errors = store.errors()
+    assert [e["path"] for e in errors] == sorted(bad)  # one line each, in row order
+    for entry in errors:
+        assert bad[entry["path"]] in entry["reason"], entry
+    row_of = {s.path: i for i, s in enumerate(store.samples)}
+    # CMYK decodes to the picture the plain JPEG holds: the same leading classes.
+    assert set(pooled_top(store, row_of["cmyk.jpg"], 2)) == set(pooled_top(store, row_of["plain.jpg"], 2))
+    # 16-bit grey scales down to exactly the 8-bit grey picture.
+    assert np.array_equal(store.values[row_of["grey16.png"]], store.values[row_of["grey.png"]])
+
+
+def test_kill_9_then_resume_equals_an_uninterrupted_run(reference, image_folder, engines, tmp_path):
+    out = tmp_path / "store"
+    command = [str(BIN / "trt-relabel"), *cli_args(image_folder, out, engines, "--batch-size", "1", "--workers", "0")]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        labelled_at_kill = _kill_once_labelling(process, out / "status.npy")
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    assert process.returncode == -signal.SIGKILL
+    assert 0 < labelled_at_kill < 12, "the run was not interrupted mid-way"
+    pending = 12 - int(LabelStore(out).labelled().sum())
+
+    result = label(image_folder, out, engines)
+    assert result.processed == pending and result.complete
+    assert_same_store(out, reference)
+
+
+def _kill_once_labelling(process: subprocess.Popen, status_file: Path) -> int:
+    """Poll the store's status until a row is labelled, then kill -9 the run's process group.
+    Returns the rows labelled at that moment."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        if status_file.exists():
+            labelled = int((np.load(status_file, mmap_mode="r") == 1).sum())
+            if labelled:
+                os.killpg(process.pid, signal.SIGKILL)
+                return labelled
+        time.sleep(0.002)
+    raise AssertionError(f"the run ended before labelling a row: {process.stderr.read().decode()[-2000:]}")
+
+
+def test_torchrun_two_processes_equal_one(reference, image_folder, engines, tmp_path):
+    out = tmp_path / "store"
+    torchrun = [str(BIN / "torchrun"), "--standalone", "--nproc-per-node", "2", "--no-python"]
+    command = [*torchrun, str(BIN / "trt-relabel"), *cli_args(image_folder, out, engines, "--workers", "1")]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "labelled 12 of 12 images" in done.stderr
+    assert_same_store(out, reference)
+
+
+def test_shards_equal_one_run(reference, image_folder, engines, tmp_path):
+    out = tmp_path / "store"
+    first = label(image_folder, out, engines, shard=(1, 2), batch_size=3)
+    assert (first.rows, first.labelled, first.complete) == (6, 6, False)
+    assert LabelStore(out).labelled().tolist() == [row % 2 == 1 for row in range(12)]
+    second = label(image_folder, out, engines, shard=(0, 2), batch_size=5)
+    assert (second.rows, second.labelled, second.complete) == (6, 6, True)
+    assert_same_store(out, reference)
+
+
+def test_mismatched_resume_is_refused(reference, image_folder, engines, tmp_path, monkeypatch, capfd):
+    out = tmp_path / "store"
+    shutil.copytree(reference, out)
+    before = (out / "values.npy").read_bytes()
+    code, err = run_main(monkeypatch, capfd, cli_args(image_folder, out, engines, "--topk", "3"))
+    assert code == 1
+    assert err.strip().splitlines() == [f"error: {out}: the store was built with topk=5 (this run: 3); "
+                                        "pass --overwrite (overwrite=True) to start over"]  # fmt: skip
+    listed = tmp_path / "list.txt"
+    listed.write_text("cat/chelsea.jpg\n")
+    code, err = run_main(monkeypatch, capfd, cli_args(image_folder, out, engines, "--file-list", str(listed)))
+    assert code == 1
+    assert len(err.strip().splitlines()) == 1 and "a different input list: 12 inputs (this run: 1)" in err
+    assert (out / "values.npy").read_bytes() == before
+
+
+def test_usage_errors(image_folder, engines, tmp_path, monkeypatch, capfd):
+    (tmp_path / "empty").mkdir()
+    cases = [
+        (cli_args(tmp_path / "missing", tmp_path / "s", engines), "no such directory"),
+        (cli_args(tmp_path / "empty", tmp_path / "s", engines), "no image files"),
+        (cli_args(image_folder, tmp_path / "s", engines, "--shard", "2/2"), "expected I/N"),
+        (cli_args(image_folder, tmp_path / "s", engines, "--shard", "0/2", "--overwrite"), "cannot be combined"),
+        (cli_args(image_folder, tmp_path / "s", engines, "--file-list", str(tmp_path / "no.txt")), "no such file"),
+    ]
+    for args, message in cases:
+        code, err = run_main(monkeypatch, capfd, args)
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "s").exists()
+
+
+def test_read_only_output_directory(image_folder, engines, tmp_path):
+    """Root ignores permission bits, so the run drops the capabilities that let it (setpriv)."""
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    command = [str(BIN / "trt-relabel"), *cli_args(image_folder, locked / "store", engines)]
+    if os.geteuid() == 0:
+        setpriv = shutil.which("setpriv")
+        if setpriv is None:
+            pytest.skip("running as root without setpriv: cannot make a directory read-only for this run")
+        caps = "-dac_override,-dac_read_search,-fowner"
+        command = [setpriv, "--bounding-set", caps, "--inh-caps", caps, *command]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [
+        f"error: {locked}: cannot write the store there (permission denied)"
+    ]  # fmt: skip

@@ -1,0 +1,82 @@
+"""`generate`: label a data set with the teacher into a label store (resumable, multi-process)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from trt_relabel.cli._app import app, console
+from trt_relabel.cli.engine import CheckpointOpt, SizeOpt, TeacherOpt, TopkOpt
+
+
+@app.command("generate")
+def generate_command(
+    data: Annotated[Path, typer.Argument(help="ImageFolder (class sub-folders) or flat folder of images.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Label store directory (created or resumed).")],
+    file_list: Annotated[
+        Path | None,
+        typer.Option("--file-list", help="Label only these images: one path relative to DATA per line."),
+    ] = None,
+    teacher: TeacherOpt = "efficientnet_lite0",
+    checkpoint: CheckpointOpt = None,
+    size: SizeOpt = None,
+    topk: TopkOpt = 5,
+    backend: Annotated[
+        str, typer.Option("--backend", "-b", help="auto | onnxruntime | torch | tensorrt (auto: the fastest here).")
+    ] = "auto",
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per teacher call.")] = 64,
+    workers: Annotated[
+        int | None, typer.Option("--workers", help="Decoding processes (default: cores - 1; 0: none).")
+    ] = None,
+    shard: Annotated[
+        str, typer.Option("--shard", help="I/N: label only rows with row % N == I (one of N jobs on one store).")
+    ] = "0/1",
+    engines_dir: Annotated[Path, typer.Option("--engines-dir", help="Folder of the graphs and engines.")] = Path(
+        "engines"
+    ),
+    decode: Annotated[
+        str, typer.Option("--decode", help="cpu | gpu (JPEGs decoded and resized on the GPU with nvJPEG).")
+    ] = "cpu",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Delete an existing store and start over.")] = False,
+) -> None:
+    """Label every image of DATA with the teacher's top-k label maps into the store --out.
+
+    Rerunning the same command resumes an interrupted run (only the missing rows are labelled).
+
+    Under `torchrun --nproc-per-node N` the processes share the rows of one store.
+
+    Exit code 1 when some inputs could not be labelled (listed in STORE/errors.jsonl).
+    """
+    from trt_relabel.generate import generate, parse_shard
+
+    result = generate(
+        data,
+        out,
+        teacher=teacher,
+        checkpoint=checkpoint,
+        size=size,
+        topk=topk,
+        backend=backend,
+        batch_size=batch_size,
+        workers=workers,
+        overwrite=overwrite,
+        file_list=file_list,
+        shard=parse_shard(shard),
+        engines_dir=engines_dir,
+        decode=decode,
+    )
+    if result.rank != 0:
+        return  # torchrun: rank 0 reports for the whole store
+    failed = f", {result.failed} failed (listed in {result.errors_path})" if result.failed else ""
+    state = "complete" if result.complete else "incomplete (other shards still running or pending)"
+    console.print(
+        f"labelled {result.labelled} of {result.rows} images{failed}; this run: {result.processed} images "
+        f"in {result.seconds:.1f} s, {result.images_per_second:.1f} img/s with {result.backend}; "
+        f"store {result.store} {state}",
+        soft_wrap=True,
+    )
+    if result.failed:
+        sys.exit(1)

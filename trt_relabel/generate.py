@@ -1,0 +1,492 @@
+"""`generate`: label every image of a data set with the teacher into a label store.
+
+Pipeline: DataLoader worker processes decode (:func:`trt_relabel.images.load_rgb`) and resize the
+whole image to S x S (:func:`trt_relabel.images.resize_whole`, the teacher's interpolation) while
+the main process runs the teacher on the previous batch; each batch's top-k maps go straight into
+the store's memmaps. An input that cannot be decoded becomes one line of errors.jsonl, never a
+crash. Rows are the inputs in sorted relative-path order.
+
+Resume: the store's status array says which rows are done, so rerunning the same command after a
+crash (even kill -9) labels only the missing rows. ONNX Runtime's CPU results of an image do not
+depend on the batch it is in, so a resumed store equals an uninterrupted one bit for bit.
+
+Several processes: under `torchrun --nproc-per-node N` rank r labels the rows with row % N == r of
+one store (rank 0 creates and finishes it); `shard=(i, n)` does the same split without a process
+group, and the shard that ends last marks the store complete.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
+
+import numpy as np
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TimeRemainingColumn
+from rich.text import Text
+
+from trt_relabel.errors import RelabelError, UsageError
+from trt_relabel.images import (
+    IMAGE_EXTENSIONS,
+    ImageEntry,
+    ImageLoadError,
+    list_images,
+    load_rgb,
+    read_file_list,
+    resize_whole,
+)
+from trt_relabel.store import (
+    ERRORS,
+    MANIFEST,
+    STORE_FILES,
+    LabelStore,
+    StoreError,
+    StoreSpec,
+    StoreWriter,
+    check_resumable,
+    create_store,
+)
+
+if TYPE_CHECKING:
+    from trt_relabel.backends import Backend
+
+#: Progress and reports go to stderr, as the CLI's.
+console = Console(stderr=True)
+
+
+@dataclass(frozen=True)
+class GenerateResult:
+    """What a `generate` call did. Counts cover the rows this call is responsible for: the whole
+    store for a plain or torchrun run (rank 0), its own rows for a shard or another rank."""
+
+    store: Path
+    backend: str
+    rows: int  # rows this call is responsible for
+    labelled: int  # of those, labelled (by this or earlier runs)
+    failed: int  # of those, failed (listed in errors.jsonl)
+    processed: int  # inputs decoded and labelled or failed by this run (all ranks)
+    seconds: float  # wall time of the labelling loop
+    complete: bool  # the whole store is labelled (every row labelled or failed)
+    rank: int = 0  # torchrun rank of this process (rank 0 reports for the whole store)
+
+    @property
+    def images_per_second(self) -> float:
+        return self.processed / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def errors_path(self) -> Path:
+        return self.store / ERRORS
+
+
+class DecodedBatch(NamedTuple):
+    """A collated batch. `rows` int64 [B] with `pixels` uint8 [B, S, S, 3] decoded on the CPU;
+    `jpeg_rows` with `jpegs`, the raw files left for the GPU decoder (`decode="gpu"` only);
+    `failures`, (row, reason) of inputs that could not be read. Any part may be empty."""
+
+    rows: np.ndarray
+    pixels: np.ndarray
+    jpeg_rows: list[int]
+    jpegs: list[bytes]
+    failures: list[tuple[int, str]]
+
+
+class PendingImages:
+    """Map-style dataset over pending rows: item i -> (row, pixels uint8 [S, S, 3] or None, JPEG bytes
+    for the GPU decoder or None, failure reason or None). Never raises for a bad input."""
+
+    def __init__(
+        self,
+        root: Path,
+        samples: Sequence[ImageEntry],
+        rows: np.ndarray,
+        size: int,
+        interpolation: str,
+        decode: str = "cpu",
+    ):
+        self.root = root
+        self.samples = samples
+        self.rows = rows
+        self.size = size
+        self.interpolation = interpolation
+        self.decode = decode
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> tuple[int, np.ndarray | None, bytes | None, str | None]:
+        row = int(self.rows[i])
+        path = self.root / self.samples[row].path
+        if self.decode == "gpu":
+            data = _gpu_jpeg(path)
+            if data is not None:
+                return row, None, data, None
+        pixels, reason = decode_cpu(path, self.size, self.interpolation)
+        return row, pixels, None, reason
+
+
+def decode_cpu(path: Path, size: int, interpolation: str) -> tuple[np.ndarray | None, str | None]:
+    """(pixels uint8 [S, S, 3], None) or (None, the one-line reason the file cannot be labelled)."""
+    try:
+        return resize_whole(load_rgb(path), size, interpolation), None
+    except ImageLoadError as e:
+        return None, str(e)
+    except Exception as e:  # noqa: BLE001 - a decoder bug on one file must not stop the run
+        return None, f"cannot decode image: {type(e).__name__}: {e}"
+
+
+def _gpu_jpeg(path: Path) -> bytes | None:
+    """The file's bytes when nvJPEG can decode it; None sends it (and any read error) to the CPU path."""
+    from trt_relabel.gpu_decode import is_gpu_decodable
+
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return None
+    return data if is_gpu_decodable(data) else None
+
+
+def collate(items: list[tuple[int, np.ndarray | None, bytes | None, str | None]]) -> DecodedBatch:
+    decoded = [(row, pixels) for row, pixels, _, _ in items if pixels is not None]
+    jpegs = [(row, data) for row, _, data, _ in items if data is not None]
+    return DecodedBatch(
+        rows=np.array([row for row, _ in decoded], dtype=np.int64),
+        pixels=np.stack([p for _, p in decoded]) if decoded else np.empty((0, 0, 0, 3), np.uint8),
+        jpeg_rows=[row for row, _ in jpegs],
+        jpegs=[data for _, data in jpegs],
+        failures=[(row, reason) for row, _, _, reason in items if reason is not None],
+    )
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """Parse "I/N" into (I, N) with 0 <= I < N; UsageError otherwise."""
+    index, sep, count = text.partition("/")
+    if not (sep and index.isdigit() and count.isdigit()) or not 0 <= int(index) < int(count):
+        raise UsageError(f"--shard {text!r}: expected I/N with 0 <= I < N, e.g. 0/4")
+    return int(index), int(count)
+
+
+def find_inputs(data: str | Path, file_list: str | Path | None = None) -> list[ImageEntry]:
+    """The images to label, sorted by relative path: an ImageFolder or flat folder under `data`, or
+    the entries of `file_list` (paths relative to `data`)."""
+    data = Path(data)
+    if not data.is_dir():
+        raise UsageError(f"{data}: no such directory")
+    if file_list is not None:
+        if not Path(file_list).is_file():
+            raise UsageError(f"{file_list}: no such file list")
+        try:
+            samples = read_file_list(file_list)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise UsageError(str(e).splitlines()[0]) from None
+        if not samples:
+            raise UsageError(f"{file_list}: the file list names no image")
+        return samples
+    samples = list_images(data)
+    if not samples:
+        raise UsageError(f"{data}: no image files ({' '.join(IMAGE_EXTENSIONS)})")
+    return samples
+
+
+def default_workers() -> int:
+    """Decoding processes: every core this process may use but the one that feeds the teacher."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores - 1)
+
+
+class _RateColumn(ProgressColumn):
+    def render(self, task: Task) -> Text:
+        speed = task.finished_speed or task.speed or 0.0
+        return Text(f"{speed:.1f} img/s", style="progress.data.speed")
+
+
+def _progress(enabled: bool) -> Progress:
+    columns = ("{task.description}", BarColumn(), MofNCompleteColumn(), _RateColumn(), "ETA", TimeRemainingColumn())
+    return Progress(*columns, console=console, disable=not enabled)
+
+
+class _Group:
+    """The torchrun process group (gloo, for barriers; created unless the caller made one), or a
+    single process without one."""
+
+    def __init__(self) -> None:
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.owned = False
+        if self.world > 1:
+            import torch.distributed as dist
+
+            self.dist = dist
+            if not dist.is_initialized():
+                # Ranks wait for each other at the end of labelling: allow for days of uneven work.
+                dist.init_process_group("gloo", timeout=timedelta(days=7))
+                self.owned = True
+
+    def rank0_first(self, fn: Callable[[], object]) -> object:
+        """Run `fn` on rank 0, then (once it succeeded) on the other ranks. A RelabelError of rank 0
+        is raised on every rank."""
+        if self.world == 1:
+            return fn()
+        outcome = [None]
+        if self.rank == 0:
+            try:
+                result = fn()
+            except RelabelError as e:
+                outcome = [(str(e), e.exit_code)]
+                self.dist.broadcast_object_list(outcome, src=0)
+                raise
+        self.dist.broadcast_object_list(outcome, src=0)
+        if outcome[0] is not None:
+            error = RelabelError(outcome[0][0])
+            error.exit_code = outcome[0][1]
+            raise error
+        return result if self.rank == 0 else fn()
+
+    def sum_and_max(self, count: int, seconds: float) -> tuple[int, float]:
+        """Total `count` and longest `seconds` over the ranks (a barrier)."""
+        if self.world == 1:
+            return count, seconds
+        gathered = [None] * self.world
+        self.dist.all_gather_object(gathered, (count, seconds))
+        return sum(c for c, _ in gathered), max(s for _, s in gathered)
+
+    def device(self) -> str | None:
+        """The CUDA device of this rank under torchrun (None: the backend's default)."""
+        import torch
+
+        if self.world == 1 or not torch.cuda.is_available():
+            return None
+        device = f"cuda:{self.local_rank % torch.cuda.device_count()}"
+        torch.cuda.set_device(device)
+        return device
+
+    def close(self) -> None:
+        if self.owned:
+            self.dist.destroy_process_group()
+
+
+def generate(
+    data: str | Path,
+    out: str | Path,
+    *,
+    teacher: str = "efficientnet_lite0",
+    checkpoint: str | Path | None = None,
+    size: int | None = None,
+    topk: int = 5,
+    backend: str = "auto",
+    batch_size: int = 64,
+    workers: int | None = None,
+    overwrite: bool = False,
+    file_list: str | Path | None = None,
+    shard: tuple[int, int] = (0, 1),
+    engines_dir: str | Path = "engines",
+    decode: str = "cpu",
+    progress: bool = True,
+) -> GenerateResult:
+    """Label the images under `data` (or those of `file_list`) into the store `out`; resume it when
+    it exists. `size`: teacher input side (default: the teacher's). `workers`: decoding processes
+    (default: one per core but one; 0 decodes in this process). `shard=(i, n)`: label only rows
+    with row % n == i. `decode="gpu"`: JPEGs are decoded and resized on the GPU (nvJPEG), other
+    files on the CPU; not bit-identical to the CPU path (see :mod:`trt_relabel.gpu_decode`).
+    Raises UsageError for bad arguments, RelabelError (StoreError, ...) for
+    expected failures; inputs that cannot be decoded are listed in errors.jsonl, not raised.
+    """
+    samples = find_inputs(data, file_list)
+    workers = default_workers() if workers is None else workers
+    if batch_size < 1 or workers < 0:
+        raise UsageError(f"batch size must be >= 1 and workers >= 0 (got {batch_size} and {workers})")
+    if not 0 <= shard[0] < shard[1]:
+        raise UsageError(f"shard {shard[0]}/{shard[1]}: expected I/N with 0 <= I < N")
+    if decode not in ("cpu", "gpu"):
+        raise UsageError(f"--decode {decode!r}: expected cpu or gpu")
+    if decode == "gpu" and not _cuda_available():
+        raise UsageError("--decode gpu needs a CUDA GPU; none is available here")
+    if shard[1] > 1 and overwrite:
+        raise UsageError("--overwrite cannot be combined with --shard (a shard would delete the others' work)")
+    out = Path(out)
+    _check_writable(out)
+    _check_existing_store(out, samples, teacher, size, topk, overwrite)
+    from trt_relabel.backends import open_backend
+
+    group = _Group()
+    try:
+        if group.world > 1 and shard[1] > 1:
+            raise UsageError("--shard cannot be combined with torchrun (the ranks already split the rows)")
+        split = (group.rank, group.world) if group.world > 1 else shard
+        show = progress and group.rank == 0
+        log = (lambda text: console.print(text, soft_wrap=True)) if show else (lambda _: None)
+        runtime = group.rank0_first(
+            lambda: open_backend(
+                backend,
+                teacher=teacher,
+                checkpoint=checkpoint,
+                size=size,
+                topk=topk,
+                engines_dir=engines_dir,
+                device=group.device(),
+                max_batch=batch_size,
+                log=log,
+            )
+        )
+        writer = group.rank0_first(
+            lambda: create_store(
+                out,
+                _spec(runtime),
+                samples,
+                overwrite=overwrite and group.rank == 0,
+                extra_manifest={"source": "generate"},
+            )
+        )
+        pending = writer.pending_rows(split)
+        share = f" (rank 0's share; {group.world} ranks)" if group.world > 1 else ""
+        log(f"labelling {len(pending)} of {len(samples)} images{share} with {runtime.name} into {out}")
+        start = time.perf_counter()
+        processed = _label_rows(writer, runtime, Path(data), samples, pending, batch_size, workers, show, decode)
+        processed, seconds = group.sum_and_max(processed, time.perf_counter() - start)
+        complete = writer.finish() if group.rank == 0 else False
+        scope = (0, 1) if group.world > 1 and group.rank == 0 else split
+        result = _result(writer, runtime.name, scope, processed, seconds, complete)
+        return dataclasses.replace(result, rank=group.rank)
+    finally:
+        group.close()
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _check_writable(out: Path) -> None:
+    """Fail before the (slow) backend start when the store cannot be written: `out` (and its files)
+    or, for a new store, its nearest existing parent must be writable."""
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    targets = [existing, *(existing / name for name in STORE_FILES if (existing / name).exists())]
+    for target in targets:
+        if not os.access(target, os.W_OK):
+            reason = "read-only file system" if _read_only_fs(target) else "permission denied"
+            raise StoreError(f"{target}: cannot write the store there ({reason})")
+
+
+def _read_only_fs(path: Path) -> bool:
+    return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+
+
+def _check_existing_store(
+    out: Path, samples: list[ImageEntry], teacher: str, size: int | None, topk: int, overwrite: bool
+) -> None:
+    """Refuse a mismatched store before the (slow) backend start; the teacher hash is checked later."""
+    if overwrite or not (out / MANIFEST).is_file():
+        return
+    from trt_relabel.teacher import get_teacher_config
+
+    config = get_teacher_config(teacher, size)
+    check_resumable(out, samples, teacher=config.name, input_size=config.input_size, topk=topk)
+
+
+def _spec(backend: Backend) -> StoreSpec:
+    meta = backend.metadata
+    return StoreSpec(
+        teacher=meta.teacher,
+        teacher_hash=meta.teacher_hash,
+        graph_sha256=backend.graph_sha256,
+        input_size=meta.input_size,
+        map_size=meta.map_size,
+        topk=meta.topk,
+        num_classes=meta.num_classes,
+    )
+
+
+def _result(
+    writer: StoreWriter, backend: str, scope: tuple[int, int], processed: int, seconds: float, complete: bool
+) -> GenerateResult:
+    in_scope = np.arange(writer.num_samples) % scope[1] == scope[0]
+    labelled = int((LabelStore(writer.path).labelled() & in_scope).sum())
+    pending = len(writer.pending_rows(scope))
+    rows = int(in_scope.sum())
+    return GenerateResult(
+        store=writer.path,
+        backend=backend,
+        rows=rows,
+        labelled=labelled,
+        failed=rows - labelled - pending,
+        processed=processed,
+        seconds=seconds,
+        complete=complete,
+    )
+
+
+def _label_rows(
+    writer: StoreWriter,
+    backend: Backend,
+    data: Path,
+    samples: list[ImageEntry],
+    rows: np.ndarray,
+    batch_size: int,
+    workers: int,
+    show: bool,
+    decode: str = "cpu",
+) -> int:
+    """Decode `rows` in `workers` processes while the teacher labels earlier batches
+    (`backend.stream` overlaps transfers and compute where it can); write each batch into the store.
+    Returns the number of rows labelled or failed."""
+    from torch.utils.data import DataLoader
+
+    meta = backend.metadata
+    dataset = PendingImages(data, samples, rows, meta.input_size, meta.interpolation, decode)
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate)
+    done = 0
+    with _progress(show) as bar:
+        task = bar.add_task("labelling", total=len(rows))
+
+        def advance(count: int) -> None:
+            nonlocal done
+            done += count
+            bar.update(task, completed=done)
+
+        def batches():
+            for batch in loader:
+                for row, reason in batch.failures:
+                    writer.mark_failed(row, samples[row].path, reason)
+                advance(len(batch.failures))
+                labelled, pixels = _on_gpu(batch, data, samples, meta, writer, advance) if batch.jpegs else batch[:2]
+                if len(labelled):
+                    yield labelled, pixels
+
+        for labelled, values, indices in backend.stream(batches()):
+            writer.write(labelled, values, indices)
+            advance(len(labelled))
+    return done
+
+
+def _on_gpu(batch: DecodedBatch, data: Path, samples: list[ImageEntry], meta, writer: StoreWriter, advance):
+    """Decode the batch's JPEGs on the GPU and join them with its CPU-decoded pixels.
+
+    Returns (rows int64 [B], pixels uint8 [B, S, S, 3] on the GPU). JPEGs nvJPEG rejects take the CPU
+    path here; those that fail there too are marked failed.
+    """
+    import torch
+
+    from trt_relabel.gpu_decode import decode_resize_jpegs
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    gpu_pixels, rejected = decode_resize_jpegs(batch.jpegs, meta.input_size, meta.interpolation, device)
+    rows, pixels = list(batch.rows), list(batch.pixels)
+    for n in rejected:
+        row = batch.jpeg_rows[n]
+        decoded, reason = decode_cpu(data / samples[row].path, meta.input_size, meta.interpolation)
+        if decoded is None:
+            writer.mark_failed(row, samples[row].path, reason)
+            advance(1)
+        else:
+            rows.append(row)
+            pixels.append(decoded)
+    rows = [r for n, r in enumerate(batch.jpeg_rows) if n not in set(rejected)] + rows
+    cpu_pixels = torch.from_numpy(np.stack(pixels)).to(device) if pixels else gpu_pixels[:0]
+    return np.array(rows, dtype=np.int64), torch.cat([gpu_pixels, cpu_pixels])
