@@ -41,4 +41,6 @@ def test_decode_and_resize_match_the_cpu_path(photos, tmp_path, device):
     assert failed == [1]
     assert pixels.shape == (3, 224, 224, 3) and pixels.dtype == torch.uint8
     difference = np.abs(pixels.cpu().numpy().astype(int) - np.stack(expected).astype(int))
-    assert difference.mean() < 0.5 and difference.max() <= 8
+    assert difference.mean() < 0.5 and np.percentile(difference, 99) <= 4
+    if device == "cpu":  # libjpeg-turbo on both sides: only the resize differs
+        assert difference.max() <= 8

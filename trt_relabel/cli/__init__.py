@@ -6,9 +6,13 @@ the commands so that `trt-relabel --help` stays fast.
 
 from __future__ import annotations
 
-from trt_relabel.cli._app import app, main
-
 # Importing the command modules registers their commands on `app`.
-from trt_relabel.cli import engine as _engine  # noqa: F401,E402  build-engine, bench
+from trt_relabel.cli import bench as _bench  # noqa: F401,E402  bench
+from trt_relabel.cli import engine as _engine  # noqa: F401,E402  teachers, build-engine
+from trt_relabel.cli import generate as _generate  # noqa: F401,E402  generate
+from trt_relabel.cli import interop as _interop  # noqa: F401,E402  import/export-relabel, merge, show, stats
+from trt_relabel.cli import samples as _samples  # noqa: F401,E402  sample-images
+from trt_relabel.cli import train as _train  # noqa: F401,E402  train
+from trt_relabel.cli._app import app, main
 
 __all__ = ["app", "main"]

@@ -1,0 +1,251 @@
+"""GPU check: throughput and parity of the GPU paths on one CUDA GPU, no network, a few minutes.
+
+    python bench/gpu_check.py [--images DIR] [--out report.json] [--skip-l2]
+
+1. Teacher throughput (model only, uint8 pixels already on the GPU, batch 32 at 475): the torch
+   CUDA backend in fp32 NCHW (the reference), fp32 channels_last, fp16 channels_last — for the
+   bundled EfficientNet-Lite0 and for the paper's architecture (timm tf_efficientnet_l2, random
+   weights) — and TensorRT FP16 when `tensorrt` is importable.
+2. fp16 vs fp32 label maps agree (cells with a clear fp32 margin keep their top-1).
+3. label_pooling on CUDA against torchvision's CUDA roi_align on the dense map (B=256, k=5, 15x15).
+4. GPU JPEG decode + resize against the CPU path.
+5. `generate` end to end on the GPU (`--backend torch`, CPU and GPU decode) over --images.
+6. A trainer step (relabel vs original labels) — bench/train_step.py on CUDA.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import timm
+import torch
+
+from trt_relabel.backends import tensorrt_importable
+from trt_relabel.export import RelabelGraph, build_graphs, prepare_teacher, relabel_graph
+from trt_relabel.teacher import get_teacher_config, to_fully_convolutional
+
+report: dict = {}
+
+
+def log(key: str, value) -> None:
+    report[key] = value
+    print(f"{key}: {json.dumps(value)}", flush=True)
+
+
+def cuda_rate(fn, batch: int, iters: int, warmup: int = 2) -> float:
+    """Images per second of fn() (one batch of `batch` images), timed with CUDA events."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return batch * iters / (start.elapsed_time(end) / 1000)
+
+
+def teacher_throughput(name: str, graph32: RelabelGraph, size: int, batch: int, iters: int) -> dict:
+    pixels = torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8, device="cuda")
+    rates = {}
+    torch.backends.cudnn.benchmark = True
+    variants = (("fp32 NCHW (reference)", "fp32", False), ("fp32 channels_last", "fp32", True),
+                ("fp16 channels_last", "fp16", True))  # fmt: skip
+    for label, precision, channels_last in variants:
+        graph = graph32 if precision == "fp32" else _half_copy(graph32)
+        graph = graph.cuda()
+        if channels_last:
+            graph = graph.to(memory_format=torch.channels_last)
+        with torch.inference_mode():
+            rates[label] = round(cuda_rate(lambda g=graph: g(pixels), batch, iters), 1)
+        del graph
+        torch.cuda.empty_cache()
+    graph32.cpu()
+    reference = rates["fp32 NCHW (reference)"]
+    result = {"img_per_s": rates, "x_vs_fp32": {k: round(v / reference, 2) for k, v in rates.items()}}
+    log(f"throughput {name} @{size} batch {batch}", result)
+    return result
+
+
+def _half_copy(graph: RelabelGraph) -> RelabelGraph:
+    import copy
+
+    return copy.deepcopy(graph).half()
+
+
+def l2_graph(size: int) -> RelabelGraph:
+    config = get_teacher_config("efficientnet_l2_ns_475", size)
+    model = timm.create_model("tf_efficientnet_l2", pretrained=False).eval()
+    return RelabelGraph(to_fully_convolutional(model, size), config.mean, config.std, 5).eval()
+
+
+def fp16_agreement(prepared, photos: np.ndarray) -> dict:
+    pixels = torch.from_numpy(photos).cuda()
+    with torch.inference_mode():
+        v32, i32 = relabel_graph(prepared, "fp32").cuda()(pixels)
+        v16, i16 = relabel_graph(prepared, "fp16").cuda().to(memory_format=torch.channels_last)(pixels)
+    clear = (v32[:, 0] - v32[:, 1]) > 0.1
+    agree = (i16[:, 0] == i32[:, 0])[clear].float().mean().item()
+    all_agree = (i16[:, 0] == i32[:, 0]).float().mean().item()
+    result = {"clear_cells_top1_agreement": agree, "all_cells_top1_agreement": round(all_agree, 4),
+              "max_abs_logit_diff_top1": (v16[:, 0].float() - v32[:, 0]).abs().max().item()}  # fmt: skip
+    log("fp16 vs fp32 label maps (lite0, real photos)", result)
+    return result
+
+
+def pooling_check() -> dict:
+    from torchvision.ops import roi_align
+
+    from trt_relabel.pooling import label_pooling
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    batch, k, h, w, classes = 256, 5, 15, 15, 1000
+    values = torch.randn(batch, k, h, w, device="cuda", generator=g).sort(1, descending=True).values
+    indices = torch.stack([torch.randperm(classes, device="cuda", generator=g)[:k] for _ in range(batch * h * w)])
+    indices = indices.view(batch, h, w, k).permute(0, 3, 1, 2).contiguous()
+    xy = torch.rand(batch, 2, device="cuda", generator=g) * 0.6
+    boxes = torch.cat([xy, xy + 0.1 + torch.rand(batch, 2, device="cuda", generator=g) * 0.3], 1)
+
+    def official():
+        dense = torch.zeros(batch, classes, h, w, device="cuda")
+        dense.scatter_(1, indices.long(), values)
+        scale = torch.tensor([w, h, w, h], device="cuda")
+        rois = torch.cat([torch.arange(batch, device="cuda")[:, None].float(), boxes * scale - 0.5], 1)
+        return roi_align(dense, rois, output_size=1, spatial_scale=1.0, sampling_ratio=-1, aligned=False).flatten(1)
+
+    ours = label_pooling(values, indices, boxes, classes)
+    diff = (ours - official()).abs().max().item()
+    rate_ours = cuda_rate(lambda: label_pooling(values, indices, boxes, classes), 1, 50)
+    rate_official = cuda_rate(official, 1, 50)
+    result = {"max_abs_diff": diff, "ms_label_pooling": round(1000 / rate_ours, 4),
+              "ms_dense_roi_align": round(1000 / rate_official, 4)}  # fmt: skip
+    log("label_pooling CUDA vs torchvision roi_align CUDA (B=256, k=5, 15x15, C=1000)", result)
+    return result
+
+
+def decode_check(images: list[Path], size: int) -> dict:
+    from trt_relabel.gpu_decode import decode_resize_jpegs, is_gpu_decodable
+    from trt_relabel.images import load_rgb, resize_whole
+
+    datas = [p.read_bytes() for p in images]
+    jpegs = [d for d in datas if is_gpu_decodable(d)]
+    paths = [p for p, d in zip(images, datas, strict=True) if is_gpu_decodable(d)]
+    pixels, failed = decode_resize_jpegs(jpegs, size, "bicubic", torch.device("cuda"))
+    ok = [p for n, p in enumerate(paths) if n not in set(failed)]
+    cpu = np.stack([resize_whole(load_rgb(p), size, "bicubic") for p in ok])
+    diff = np.abs(pixels.cpu().numpy().astype(int) - cpu.astype(int))
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for start in range(0, len(jpegs), 64):
+        decode_resize_jpegs(jpegs[start : start + 64], size, "bicubic", torch.device("cuda"))
+    torch.cuda.synchronize()
+    gpu_rate = len(jpegs) / (time.perf_counter() - t)
+    t = time.perf_counter()
+    for p in ok[:64]:
+        resize_whole(load_rgb(p), size, "bicubic")
+    cpu_rate = min(64, len(ok)) / (time.perf_counter() - t)
+    result = {"jpegs": len(jpegs), "nvjpeg_failed": len(failed), "mean_abs_diff": float(diff.mean()),
+              "max_abs_diff": int(diff.max()), "gpu_decode_resize_img_per_s": round(gpu_rate, 1),
+              "cpu_decode_resize_img_per_s_one_core": round(cpu_rate, 1)}  # fmt: skip
+    log("GPU JPEG decode + resize vs CPU path", result)
+    return result
+
+
+def generate_check(images: Path, engines: Path) -> dict:
+    from trt_relabel.generate import generate
+    from trt_relabel.store import LabelStore
+
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for decode in ("cpu", "gpu"):
+            r = generate(images, Path(tmp) / decode, backend="torch", batch_size=64, engines_dir=engines,
+                         decode=decode, progress=False)  # fmt: skip
+            results[f"decode {decode}"] = {"backend": r.backend, "img_per_s": round(r.images_per_second, 1),
+                                           "labelled": r.labelled, "failed": r.failed}  # fmt: skip
+        a, b = LabelStore(Path(tmp) / "cpu"), LabelStore(Path(tmp) / "gpu")
+        same = (a.indices[:, 0] == b.indices[:, 0]).mean()
+        results["top1 cell agreement cpu-decode vs gpu-decode"] = round(float(same), 4)
+        truth = _imagenet_truth(a)
+        if truth is not None:
+            results["pooled top1 accuracy vs file-name class (gpu decode)"] = _pooled_accuracy(b, truth)
+    log("generate end to end on the GPU (torch fp16 backend)", results)
+    return results
+
+
+def _imagenet_truth(store) -> np.ndarray | None:
+    synsets_file = Path(timm.__file__).parent / "data" / "_info" / "imagenet_synsets.txt"
+    synsets = {s: n for n, s in enumerate(sorted(synsets_file.read_text().split()))}
+    truth = [synsets.get(Path(s.path).name.split("_")[0], -1) for s in store.samples]
+    return np.array(truth) if min(truth) >= 0 else None
+
+
+def _pooled_accuracy(store, truth: np.ndarray) -> float:
+    values, indices = store.values[:].astype(np.float64), store.indices[:].astype(np.int64)
+    dense = np.zeros((len(store), 1000))
+    rows = np.broadcast_to(np.arange(len(store))[:, None, None, None], indices.shape)
+    np.add.at(dense, (rows, indices), values)
+    return round(float((dense.argmax(1) == truth).mean()), 4)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--images", type=Path, default=None, help="folder of JPEG photos for decode/generate")
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--engines", type=Path, default=Path(tempfile.mkdtemp()) / "engines")
+    parser.add_argument("--skip-l2", action="store_true")
+    parser.add_argument("--batch", type=int, default=32)
+    args = parser.parse_args()
+    log("environment", {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+                        "python": platform.python_version(), "tensorrt": tensorrt_importable()})  # fmt: skip
+    steps = [("pooling", pooling_check)]
+    prepared = prepare_teacher()
+    steps.append(
+        ("lite0", lambda: teacher_throughput("efficientnet_lite0", relabel_graph(prepared), 475, args.batch, 20))
+    )
+    if args.images:
+        from trt_relabel.images import load_rgb, resize_whole
+
+        photos = sorted(args.images.glob("*.JPEG"))
+        steps.append(("decode", lambda: decode_check(photos, 475)))
+        sample = np.stack([resize_whole(load_rgb(p), 475, "bicubic") for p in photos[:32]])
+        steps.append(("fp16", lambda: fp16_agreement(prepared, sample)))
+        steps.append(("generate", lambda: generate_check(args.images, args.engines)))
+    if tensorrt_importable():
+        steps.append(("tensorrt", lambda: tensorrt_check(args.engines, args.batch)))
+    if not args.skip_l2:
+        steps.append(
+            ("l2", lambda: teacher_throughput("tf_efficientnet_l2 (random weights)", l2_graph(475), 475, args.batch, 5))
+        )
+    for name, step in steps:
+        start = time.perf_counter()
+        try:
+            step()
+        except Exception as e:  # noqa: BLE001 - a failed step is reported, the others still run
+            log(f"{name} FAILED", f"{type(e).__name__}: {e}")
+        print(f"[{name}: {time.perf_counter() - start:.1f} s]", flush=True)
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=2))
+
+
+def tensorrt_check(engines: Path, batch: int) -> dict:
+    from trt_relabel.tensorrt_engine import TensorRTBackend, build_engine
+
+    graphs = build_graphs(out_dir=engines)
+    backend = TensorRTBackend(build_engine(graphs.fp16, max_batch=batch), max_batch=batch)
+    pixels = np.random.default_rng(0).integers(0, 256, (batch, 475, 475, 3), dtype=np.uint8)
+    rate = cuda_rate(lambda: backend(pixels), batch, 20)
+    stream_rate = cuda_rate(lambda: list(backend.stream((n, pixels) for n in range(8))), batch * 8, 3)
+    result = {"tensorrt_fp16_img_per_s": round(rate, 1), "tensorrt_fp16_streamed_img_per_s": round(stream_rate, 1)}
+    log("TensorRT FP16 engine (lite0 @475)", result)
+    return result
+
+
+if __name__ == "__main__":
+    main()

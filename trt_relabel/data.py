@@ -1,0 +1,329 @@
+"""Training and validation data: the images of an ImageFolder aligned with the rows of a label store.
+
+Row i of the store (line i of samples.tsv) labels the i-th image of
+``trt_relabel.images.list_images(DIR)``; :func:`aligned_store` checks that before any step.
+Images are decoded with :func:`trt_relabel.images.load_rgb`, the decode path of labelling.
+
+A training batch is built whole in a loader worker: :class:`TrainBatches` is indexed by a list of
+rows (the batches of :class:`ShardedBatchSampler`), decodes and augments those images, and reads
+their top-k maps with ONE :meth:`LabelStore.gather` call. The store is opened lazily in each
+worker (memmaps are not pickled).
+
+Coordinates: a crop box is (x1, y1, x2, y2) normalised to [0, 1] in the frame of the whole decoded
+image (x to the right, y downwards; x1 = left / W, x2 = (left + width) / W), the frame of the label
+map, which the teacher computed on the whole picture resized to a square.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision import transforms
+from torchvision.transforms import functional as TF
+
+from trt_relabel.errors import RelabelError
+from trt_relabel.images import ImageEntry, ImageLoadError, list_images, load_rgb
+from trt_relabel.store import LabelStore
+
+
+class TrainBatch(NamedTuple):
+    """One training batch of B images (CPU tensors from the loader).
+
+    images: float32 [B, 3, S, S], normalised. labels: int64 [B], the folder classes.
+    boxes: float32 [B, 4], crop boxes (x1, y1, x2, y2) in [0, 1] of the image frame.
+    flipped: bool [B], whether the crop was mirrored (after cropping).
+    values: float16 [B, k, h, w] and indices: int16 [B, k, h, w], the top-k label maps
+    (None when the label mode does not read the store).
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    boxes: torch.Tensor
+    flipped: torch.Tensor
+    values: torch.Tensor | None
+    indices: torch.Tensor | None
+
+
+class EvalBatch(NamedTuple):
+    """images: float32 [B, 3, S, S]; labels: int64 [B]; positions: int64 [B], the images'
+    indices in the evaluated entry list."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    positions: torch.Tensor
+
+
+class TrainTransform:
+    """RandomResizedCrop that also returns its box, horizontal flip, colour jitter, normalisation.
+
+    Maps a PIL RGB image to (float32 [3, S, S], box float32 [4] (x1, y1, x2, y2) in [0, 1] of the
+    image frame, flipped). The crop is drawn by torchvision's ``RandomResizedCrop.get_params``
+    (area fraction in `scale`, aspect ratio in `ratio`, log-uniform). A flip mirrors the crop
+    after cropping: the box (the region pooled for a global target) is unchanged; the flag tells
+    where a spatial target must be mirrored along x. All randomness comes from torch's RNG.
+    """
+
+    def __init__(
+        self,
+        image_size: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        *,
+        scale: tuple[float, float] = (0.08, 1.0),
+        ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        flip_prob: float = 0.5,
+        color_jitter: float = 0.4,
+        interpolation: str = "bilinear",
+    ) -> None:
+        self.size = [image_size, image_size]
+        self.scale = scale
+        self.ratio = ratio
+        self.flip_prob = flip_prob
+        self.interpolation = transforms.InterpolationMode(interpolation)
+        self.jitter = transforms.ColorJitter(color_jitter, color_jitter, color_jitter) if color_jitter else None
+        self.normalize = transforms.Normalize(mean, std)
+
+    def __call__(self, img: Image.Image) -> tuple[torch.Tensor, np.ndarray, bool]:
+        top, left, height, width = transforms.RandomResizedCrop.get_params(img, self.scale, self.ratio)
+        img_w, img_h = img.size
+        box = np.array([left / img_w, top / img_h, (left + width) / img_w, (top + height) / img_h], dtype=np.float32)
+        crop = TF.resized_crop(img, top, left, height, width, self.size, self.interpolation, antialias=True)
+        flipped = bool(torch.rand(()) < self.flip_prob)
+        if flipped:
+            crop = TF.hflip(crop)
+        if self.jitter is not None:
+            crop = self.jitter(crop)
+        return self.normalize(TF.to_tensor(crop)), box, flipped
+
+
+class EvalTransform:
+    """Resize the short side to round(S / crop_pct), centre-crop S x S, normalise: PIL RGB ->
+    float32 [3, S, S]."""
+
+    def __init__(
+        self,
+        image_size: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        *,
+        crop_pct: float = 0.875,
+        interpolation: str = "bilinear",
+    ) -> None:
+        self.transform = transforms.Compose(
+            [
+                transforms.Resize(round(image_size / crop_pct), transforms.InterpolationMode(interpolation)),
+                transforms.CenterCrop(image_size),
+                transforms.ToTensor(),
+                transforms.Normalize(mean, std),
+            ]
+        )
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        return self.transform(img)
+
+
+def _load(root: Path, entry: ImageEntry) -> Image.Image:
+    try:
+        return load_rgb(root / entry.path)
+    except ImageLoadError as e:
+        raise RelabelError(f"{root / entry.path}: {e}") from None
+
+
+class TrainBatches(Dataset):
+    """Training batches, indexed by a list of rows (store rows = positions in `entries`).
+
+    `store` is the store's directory, opened lazily in each process (None: no label maps, for the
+    label modes that only use the folder classes).
+    """
+
+    def __init__(
+        self, root: Path, entries: Sequence[ImageEntry], transform: TrainTransform, store: Path | None
+    ) -> None:
+        self.root = Path(root)
+        self.entries = list(entries)
+        self.transform = transform
+        self.store_path = store
+        self._store: LabelStore | None = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_store": None}
+
+    def _open_store(self) -> LabelStore:
+        if self._store is None:
+            self._store = LabelStore(self.store_path)
+        return self._store
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, rows: Sequence[int]) -> TrainBatch:
+        crops = [self.transform(_load(self.root, self.entries[row])) for row in rows]
+        images, boxes, flipped = zip(*crops, strict=True)
+        values = indices = None
+        if self.store_path is not None:
+            values, indices = (torch.from_numpy(a) for a in self._open_store().gather(rows))
+        return TrainBatch(
+            images=torch.stack(images),
+            labels=torch.tensor([self.entries[row].class_index for row in rows], dtype=torch.int64),
+            boxes=torch.from_numpy(np.stack(boxes)),
+            flipped=torch.tensor(flipped, dtype=torch.bool),
+            values=values,
+            indices=indices,
+        )
+
+
+class EvalBatches(Dataset):
+    """Evaluation batches, indexed by a list of positions in `entries`."""
+
+    def __init__(self, root: Path, entries: Sequence[ImageEntry], transform: EvalTransform) -> None:
+        self.root = Path(root)
+        self.entries = list(entries)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, positions: Sequence[int]) -> EvalBatch:
+        return EvalBatch(
+            images=torch.stack([self.transform(_load(self.root, self.entries[i])) for i in positions]),
+            labels=torch.tensor([self.entries[i].class_index for i in positions], dtype=torch.int64),
+            positions=torch.tensor(list(positions), dtype=torch.int64),
+        )
+
+
+class ShardedBatchSampler(Sampler[list[int]]):
+    """Batches of `rows` for process `rank` of `world_size` (DistributedSampler's sharding).
+
+    With `shuffle`, each epoch permutes the rows with a seed derived from (seed, epoch), the same
+    in every process; the order is padded by wrapping around to a multiple of `world_size` and
+    process `rank` takes every world_size-th row from `rank` on, so every process runs the same
+    number of batches. Without `shuffle` (evaluation) nothing is padded: process `rank` takes
+    rows[rank::world_size]. `drop_last` drops a final incomplete batch.
+    """
+
+    def __init__(
+        self,
+        rows: Sequence[int],
+        batch_size: int,
+        *,
+        shuffle: bool,
+        drop_last: bool,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        self.rows = np.asarray(rows, dtype=np.int64)
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.drop_last = drop_last
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _shard(self) -> np.ndarray:
+        if not self.shuffle:
+            return self.rows[self.rank :: self.world_size]
+        order = self.rows[np.random.default_rng((self.seed, self.epoch)).permutation(len(self.rows))]
+        padded = np.resize(order, -(-len(order) // self.world_size) * self.world_size)
+        return padded[self.rank :: self.world_size]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        shard = self._shard()
+        for start in range(0, len(self) * self.batch_size, self.batch_size):
+            yield shard[start : start + self.batch_size].tolist()
+
+    def __len__(self) -> int:
+        per_process = -(-len(self.rows) // self.world_size) if self.shuffle else len(self._shard())
+        if self.drop_last:
+            return per_process // self.batch_size
+        return -(-per_process // self.batch_size)
+
+
+def batch_loader(
+    dataset: Dataset,
+    sampler: ShardedBatchSampler,
+    *,
+    workers: int,
+    pin_memory: bool = False,
+    generator: torch.Generator | None = None,
+) -> DataLoader:
+    """A DataLoader whose every item is a whole batch built by `dataset[list of rows]` in a worker.
+    `generator` draws the workers' seeds (each worker's torch RNG is seeded from it); by default
+    a private one, so that iterating never draws from the global torch RNG."""
+    return DataLoader(
+        dataset,
+        batch_size=None,
+        sampler=sampler,
+        num_workers=workers,
+        pin_memory=pin_memory,
+        generator=generator if generator is not None else torch.Generator(),
+    )
+
+
+def folder_entries(root: str | Path, what: str) -> list[ImageEntry]:
+    """The images of the ImageFolder `root` (sorted paths, class folders), or a one-line
+    RelabelError (`what` names the option, e.g. "--data")."""
+    try:
+        entries = list_images(root)
+    except FileNotFoundError:
+        raise RelabelError(f"{root}: {what} is not a directory") from None
+    if not entries:
+        raise RelabelError(f"{root}: {what} holds no images")
+    if entries[0].class_index < 0:
+        raise RelabelError(f"{root}: {what} has no class folders (ImageFolder layout: DIR/CLASS/IMAGE)")
+    return entries
+
+
+def aligned_store(entries: Sequence[ImageEntry], store: LabelStore, root: str | Path) -> None:
+    """Raise a one-line RelabelError unless row i of `store` labels the image `entries[i]` (same
+    relative paths in the same order), naming the first differing path."""
+    stored = [s.path for s in store.samples]
+    found = [e.path for e in entries]
+    if stored == found:
+        return
+    row = next((i for i, (a, b) in enumerate(zip(stored, found, strict=False)) if a != b), min(len(stored), len(found)))
+    in_store = stored[row] if row < len(stored) else "(no more rows)"
+    in_data = found[row] if row < len(found) else "(no more images)"
+    raise RelabelError(
+        f"{store.path}: does not label the images of {root} ({len(stored)} rows, {len(found)} images); "
+        f"first difference at row {row}: {in_store!r} in the store, {in_data!r} in the data"
+    )
+
+
+def trainable_rows(store: LabelStore | None, num_rows: int) -> tuple[np.ndarray, int]:
+    """(rows to train on int64 [M], number skipped): with a store, the rows it labelled (failed and
+    pending rows are skipped); without one, every row."""
+    if store is None:
+        return np.arange(num_rows, dtype=np.int64), 0
+    labelled = store.labelled()
+    return np.flatnonzero(labelled), int((~labelled).sum())
+
+
+def real_labels(path: str | Path, entries: Sequence[ImageEntry]) -> list[list[int]]:
+    """ImageNet-ReaL labels of `entries`, from timm's ``imagenet_real_labels.json`` (a list, in
+    sorted val-file-name order, of lists of correct classes). Image i of `entries` takes the
+    labels at the position of its file name among the sorted file names; the lengths must agree."""
+    try:
+        labels = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise RelabelError(f"{path}: cannot read the ReaL labels ({e})") from None
+    if not isinstance(labels, list) or not all(isinstance(x, list) for x in labels):
+        raise RelabelError(f"{path}: not a JSON list of lists of class indices")
+    if len(labels) != len(entries):
+        raise RelabelError(f"{path}: labels {len(labels)} images, the validation folder holds {len(entries)}")
+    by_name = sorted(range(len(entries)), key=lambda i: (Path(entries[i].path).name, entries[i].path))
+    ordered: list[list[int]] = [[] for _ in entries]
+    for rank, i in enumerate(by_name):
+        ordered[i] = [int(c) for c in labels[rank]]
+    return ordered
