@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import timm
@@ -122,10 +126,18 @@ def test_checkpoint_for_another_architecture_is_refused(tmp_path):
         create_teacher(get_teacher_config("efficientnet_lite0"), tmp_path / "resnet.pth")
 
 
-def test_hub_weights_offline_say_how_to_pass_a_file(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(TeacherError, match="--checkpoint"):
-        create_teacher(get_teacher_config("timm:resnet18"))
+def test_hub_weights_offline_say_how_to_pass_a_file(tmp_path):
+    """Offline (HF_HUB_OFFLINE is read when huggingface_hub is imported: a fresh process), a teacher
+    whose weights live on the hub only fails with one line that says how to pass a local file."""
+    command = [sys.executable, "-m", "trt_relabel", "build-engine", "--teacher", "timm:test_resnet.r160_in1k",
+               "--out", str(tmp_path)]  # fmt: skip
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"}
+    )
+    assert result.returncode == 1
+    assert "cannot fetch the weights of test_resnet.r160_in1k" in result.stderr
+    assert "--checkpoint PATH" in result.stderr and "Traceback" not in result.stderr
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_registry_configs():

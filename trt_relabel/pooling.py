@@ -1,0 +1,164 @@
+"""LabelPooling: RoIAlign of a sparse top-k label map over a crop box, without building the dense map.
+
+ReLabel (Yun et al., CVPR 2021) stores, per image, the top-k classes of a teacher's label map
+[C, h, w] and trains on ``softmax(roi_align(dense_map, crop_box))``. :func:`label_pooling` gives
+exactly that RoIAlign, computed from the top-k entries alone: RoIAlign is separable, so each box
+becomes a per-bin weight over the map's rows and one over its columns (roi_align itself computes
+them, on a one-row map); every top-k entry is multiplied by the weight of its cell and added into
+its class.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torchvision.ops import roi_align
+
+BOX_ORDERS = ("xyxy", "reference")
+
+
+def label_pooling(
+    values: Tensor,
+    indices: Tensor,
+    boxes: Tensor,
+    num_classes: int,
+    output_size: int | tuple[int, int] = 1,
+    box_order: str = "xyxy",
+) -> Tensor:
+    """Pool a top-k label map over one box per image, exactly as RoIAlign on the dense map.
+
+    The result equals ``torchvision.ops.roi_align(dense, rois, output_size, spatial_scale=1,
+    sampling_ratio=-1, aligned=False)``, where ``dense`` [B, num_classes, h, w] holds ``values``
+    at ``indices`` and zeros elsewhere, and ``rois`` are the boxes in the map's cell frame (see
+    ``box_order``), both in the compute dtype. The dense map is never built: the work grows with
+    B * k * h * w * sh * sw, not with num_classes * h * w.
+
+    Args:
+        values (Tensor[B, k, h, w], any float dtype): top-k scores (logits) of every map cell.
+            Computed in float64 if float64, else in float32. Gradients flow to ``values``.
+        indices (Tensor[B, k, h, w], int16, int32, int64 or uint8): the class of each score, in
+            ``[0, num_classes)``, on the device of ``values``. A cell's k classes are distinct (as
+            from ``topk``); a repeated class would add up instead of overwriting.
+        boxes (Tensor[B, 4], float): one box per image as (x1, y1, x2, y2), normalised to [0, 1]
+            in the image frame: x to the right (0 = left edge, 1 = right edge), y downwards
+            (0 = top, 1 = bottom). Boxes reaching outside the image follow roi_align's rules too.
+            Moved to the device of ``values``; no gradient flows to them (as in roi_align).
+        num_classes (int): C, the number of classes.
+        output_size (int or Tuple[int, int]): the pooled size (sh, sw) of each box; an int s
+            means (s, s).
+        box_order (str): how a box becomes a RoI in the cell frame (cell (i, j) is centred at
+            x = j, y = i):
+
+            - ``"xyxy"``: the correct axes, ``(x1 * w - 0.5, y1 * h - 0.5, x2 * w - 0.5, y2 * h - 0.5)``.
+            - ``"reference"``: the official ReLabel code (naver-ai/relabel_imagenet,
+              ``utils/data_loader.py`` and ``get_relabel`` in ``utils/relabel_functions.py``),
+              which passes the crop as (y1, x1, y2, x2), all scaled by the map width, where
+              roi_align reads (x1, y1, x2, y2):
+              ``(y1 * w - 0.5, x1 * w - 0.5, y2 * w - 0.5, x2 * w - 0.5)``. It pools the crop
+              mirrored about the diagonal; use it only to reproduce the official targets.
+
+    Returns:
+        Tensor[B, C] float32 (float64 for float64 ``values``): the pooled scores, before
+        softmax, if ``output_size`` is the int 1; otherwise Tensor[B, C, sh, sw] (in
+        ``torch.channels_last`` memory format).
+    """
+    out_h, out_w = _check_inputs(values, indices, boxes, num_classes, output_size, box_order)
+    dtype = torch.float64 if values.dtype == torch.float64 else torch.float32
+    batch, _, height, width = values.shape
+
+    x_rois, y_rois = _axis_rois(boxes.detach().to(values.device, dtype), height, width, box_order)
+    weight_y = _axis_weights(y_rois, height, out_h)  # [B, sh, h]
+    weight_x = _axis_weights(x_rois, width, out_w)  # [B, sw, w]
+    bins, cells = out_h * out_w, height * width
+    # [B, sh * sw, h * w]: the weight of every cell in every output bin.
+    cell_weights = (weight_y[:, :, None, :, None] * weight_x[:, None, :, None, :]).view(batch, bins, cells)
+
+    # Every top-k score times its cell's weight in every bin, added into its class: one rank at a
+    # time, which keeps the temporaries small ([B, sh * sw, h * w]).
+    pooled = values.new_zeros(batch, bins, num_classes, dtype=dtype)
+    rank_values = values.to(dtype).reshape(batch, -1, 1, cells).unbind(1)
+    rank_indices = indices.reshape(batch, -1, 1, cells).unbind(1)
+    for scores, classes in zip(rank_values, rank_indices, strict=True):
+        pooled.scatter_add_(2, classes.to(torch.int64).expand(batch, bins, cells), scores * cell_weights)
+    if output_size == 1:
+        return pooled.view(batch, num_classes)
+    return pooled.permute(0, 2, 1).unflatten(2, (out_h, out_w))
+
+
+def soft_target(pooled: Tensor) -> Tensor:
+    """Softmax of pooled scores over the classes (dim 1): the ReLabel soft target.
+
+    Classes outside every cell's top-k pooled to 0 and take part in the softmax, as in the
+    official code.
+
+    Args:
+        pooled (Tensor[B, C] or Tensor[B, C, sh, sw], float): output of :func:`label_pooling`.
+
+    Returns:
+        Tensor of the same shape and dtype whose entries along dim 1 sum to 1.
+    """
+    return torch.softmax(pooled, dim=1)
+
+
+def _check_inputs(
+    values: Tensor,
+    indices: Tensor,
+    boxes: Tensor,
+    num_classes: int,
+    output_size: int | tuple[int, int],
+    box_order: str,
+) -> tuple[int, int]:
+    """Raise ValueError for unusable arguments; return the output size as (sh, sw)."""
+    if values.dim() != 4 or not values.is_floating_point() or 0 in values.shape:
+        raise ValueError(
+            f"values must be a non-empty float tensor [B, k, h, w], got {values.dtype} {tuple(values.shape)}"
+        )
+    if indices.shape != values.shape or indices.is_floating_point() or indices.is_complex():
+        raise ValueError(
+            f"indices must be an integer tensor of the shape of values {tuple(values.shape)}, "
+            f"got {indices.dtype} {tuple(indices.shape)}"
+        )
+    if indices.dtype == torch.bool or indices.device != values.device:
+        raise ValueError(f"indices must be integers on {values.device}, got {indices.dtype} on {indices.device}")
+    if boxes.shape != (values.shape[0], 4):
+        raise ValueError(f"boxes must be [B, 4] = [{values.shape[0]}, 4], got {tuple(boxes.shape)}")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    if box_order not in BOX_ORDERS:
+        raise ValueError(f"box_order must be one of {BOX_ORDERS}, got {box_order!r}")
+    size = (output_size, output_size) if isinstance(output_size, int) else output_size
+    if not (
+        isinstance(size, (tuple, list))
+        and len(size) == 2
+        and all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in size)
+    ):
+        raise ValueError(f"output_size must be a positive int or a pair of them, got {output_size!r}")
+    low, high = (int(bound) for bound in torch.aminmax(indices))
+    if low < 0 or high >= num_classes:
+        raise ValueError(f"indices must lie in [0, {num_classes}), got values in [{low}, {high}]")
+    return size
+
+
+def _axis_rois(boxes: Tensor, height: int, width: int, box_order: str) -> Tensor:
+    """[B, 4] normalised boxes -> [2, B, 5]: for x, then y, the roi_align RoIs (0, start, 0, end, 0)
+    that span the box along that axis on a one-row map, in the cell frame, per ``box_order``."""
+    if box_order == "xyxy":
+        cell_boxes = boxes * boxes.new_tensor([width, height, width, height]) - 0.5
+    else:
+        cell_boxes = boxes.reshape(-1, 2, 2).flip(2) * width - 0.5
+    rois = boxes.new_zeros(2, len(boxes), 5)
+    rois[:, :, 1::2] = cell_boxes.view(-1, 2, 2).permute(2, 0, 1)  # [axis, B, (start, end)]
+    return rois
+
+
+def _axis_weights(rois: Tensor, length: int, bins: int) -> Tensor:
+    """One-row RoIs [B, 5] along one axis -> [B, bins, length]: the weight of each cell in each bin.
+
+    roi_align (aligned=False, sampling_ratio=-1) is separable: a sampling point counts only if
+    both of its coordinates lie in [-1, size], the points per bin are ceil(bin height) times
+    ceil(bin width), and bilinear weights are products of linear ones. So its weights over the
+    cells are products of per-axis weights, which roi_align itself gives on a one-row map whose
+    channel c is one at cell c (the row gets weight 1).
+    """
+    one_hot = torch.eye(length, dtype=rois.dtype, device=rois.device).view(1, length, 1, length)
+    return roi_align(one_hot, rois, (1, bins), 1.0, -1, False).view(-1, length, bins).mT.contiguous()
