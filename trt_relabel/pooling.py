@@ -66,9 +66,12 @@ def label_pooling(
     dtype = torch.float64 if values.dtype == torch.float64 else torch.float32
     batch, _, height, width = values.shape
 
-    x_rois, y_rois = _axis_rois(boxes.detach().to(values.device, dtype), height, width, box_order)
-    weight_y = _axis_weights(y_rois, height, out_h)  # [B, sh, h]
-    weight_x = _axis_weights(x_rois, width, out_w)  # [B, sw, w]
+    axis_rois = _axis_rois(boxes.detach().to(values.device, dtype), height, width, box_order)
+    if (height, out_h) == (width, out_w):  # both axes in one roi_align call
+        weight_x, weight_y = _axis_weights(axis_rois.view(-1, 5), width, out_w).view(2, batch, out_w, width)
+    else:
+        weight_y = _axis_weights(axis_rois[1], height, out_h)  # [B, sh, h]
+        weight_x = _axis_weights(axis_rois[0], width, out_w)  # [B, sw, w]
     bins, cells = out_h * out_w, height * width
     # [B, sh * sw, h * w]: the weight of every cell in every output bin.
     cell_weights = (weight_y[:, :, None, :, None] * weight_x[:, None, :, None, :]).view(batch, bins, cells)
@@ -77,9 +80,9 @@ def label_pooling(
     # time, which keeps the temporaries small ([B, sh * sw, h * w]).
     pooled = values.new_zeros(batch, bins, num_classes, dtype=dtype)
     rank_values = values.to(dtype).reshape(batch, -1, 1, cells).unbind(1)
-    rank_indices = indices.reshape(batch, -1, 1, cells).unbind(1)
+    rank_indices = indices.to(torch.int64).reshape(batch, -1, 1, cells).unbind(1)
     for scores, classes in zip(rank_values, rank_indices, strict=True):
-        pooled.scatter_add_(2, classes.to(torch.int64).expand(batch, bins, cells), scores * cell_weights)
+        pooled.scatter_add_(2, classes.expand(batch, bins, cells), scores * cell_weights)
     if output_size == 1:
         return pooled.view(batch, num_classes)
     return pooled.permute(0, 2, 1).unflatten(2, (out_h, out_w))
