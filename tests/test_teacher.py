@@ -21,7 +21,6 @@ from trt_relabel.teacher import (
     get_teacher_config,
     load_checkpoint,
     map_lite0_state_dict,
-    map_size,
     to_fully_convolutional,
     weights_hash,
 )
@@ -53,7 +52,7 @@ def test_label_map_mean_equals_logits(teacher, size):
     with torch.no_grad():
         label_map = fcn(x)
         logits = model(x)
-    assert label_map.shape == (2, 1000, *map_size(fcn, size))
+    assert label_map.shape == (2, 1000, *fcn.map_size)
     assert torch.allclose(label_map.mean(dim=(2, 3)), logits, rtol=0, atol=1e-4 * logits.abs().max().item())
 
 

@@ -35,7 +35,6 @@ from trt_relabel.teacher import (
     TeacherConfig,
     create_teacher,
     get_teacher_config,
-    map_size,
     to_fully_convolutional,
     weights_hash,
 )
@@ -141,7 +140,7 @@ def prepare_teacher(
         interpolation=config.interpolation,
         topk=topk,
         num_classes=config.num_classes,
-        map_size=map_size(fcn, config.input_size),
+        map_size=fcn.map_size,
         precision="fp32",
         teacher_hash=content_hash[:16],
     )

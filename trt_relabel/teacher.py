@@ -242,11 +242,13 @@ class FullyConvolutional(nn.Module):
 
     forward(x: float [B, 3, H, W], normalised) -> label map float [B, C, h, w] (logits per cell),
     where h x w is the pre-pool feature map size (H/32 x W/32 for EfficientNet and ResNet).
+    `map_size` is (h, w) for the input size the conversion was verified at.
     """
 
-    def __init__(self, model: nn.Module, classifier: nn.Linear):
+    def __init__(self, model: nn.Module, classifier: nn.Linear, map_size: tuple[int, int]):
         super().__init__()
         self.model = model
+        self.map_size = map_size
         self.head = nn.Conv2d(classifier.in_features, classifier.out_features, kernel_size=1)
         with torch.no_grad():
             self.head.weight.copy_(classifier.weight[:, :, None, None])
@@ -271,7 +273,6 @@ def to_fully_convolutional(model: nn.Module, input_size: int, probe_seed: int = 
             f"{arch}: the classifier is {type(classifier).__name__}, not a linear layer with bias; "
             "only 'global average pool -> linear' heads can be made fully convolutional"
         )
-    fcn = FullyConvolutional(model, classifier).eval()
     generator = torch.Generator().manual_seed(probe_seed)
     probe = torch.randn(1, 3, input_size, input_size, generator=generator)
     with torch.no_grad():
@@ -282,6 +283,7 @@ def to_fully_convolutional(model: nn.Module, input_size: int, probe_seed: int = 
                 "token or channels-last outputs cannot be made fully convolutional"
             )
         logits = model(probe)
+        fcn = FullyConvolutional(model, classifier, (int(features.shape[2]), int(features.shape[3]))).eval()
         pooled = fcn.head(features).mean(dim=(2, 3))
     error = ((pooled - logits).norm() / logits.norm().clamp_min(1e-12)).item()
     if not error <= CONVERSION_TOLERANCE:
@@ -290,10 +292,3 @@ def to_fully_convolutional(model: nn.Module, input_size: int, probe_seed: int = 
             f"from the logits by {error:.2e} relative); cannot make it fully convolutional"
         )
     return fcn
-
-
-def map_size(fcn: FullyConvolutional, input_size: int) -> tuple[int, int]:
-    """The label map's (h, w) for a square input of side `input_size`."""
-    with torch.no_grad():
-        shape = fcn.model.forward_features(torch.zeros(1, 3, input_size, input_size)).shape
-    return int(shape[2]), int(shape[3])
