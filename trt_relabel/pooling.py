@@ -3,16 +3,15 @@
 ReLabel (Yun et al., CVPR 2021) stores, per image, the top-k classes of a teacher's label map
 [C, h, w] and trains on ``softmax(roi_align(dense_map, crop_box))``. :func:`label_pooling` gives
 exactly that RoIAlign, computed from the top-k entries alone: RoIAlign is separable, so each box
-becomes a per-bin weight over the map's rows and one over its columns (roi_align itself computes
-them, on a one-row map); every top-k entry is multiplied by the weight of its cell and added into
-its class.
+becomes a per-bin weight over the map's rows and one over its columns (roi_align's sampling
+rules, computed in closed form); every top-k entry is multiplied by the weight of its cell and
+added into its class.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torchvision.ops import roi_align
 
 BOX_ORDERS = ("xyxy", "reference")
 
@@ -66,12 +65,12 @@ def label_pooling(
     dtype = torch.float64 if values.dtype == torch.float64 else torch.float32
     batch, _, height, width = values.shape
 
-    axis_rois = _axis_rois(boxes.detach().to(values.device, dtype), height, width, box_order)
-    if (height, out_h) == (width, out_w):  # both axes in one roi_align call
-        weight_x, weight_y = _axis_weights(axis_rois.view(-1, 5), width, out_w).view(2, batch, out_w, width)
+    spans = _axis_spans(boxes.detach().to(values.device, dtype), height, width, box_order)
+    if (height, out_h) == (width, out_w):  # both axes at once
+        weight_x, weight_y = _axis_weights(spans.reshape(-1, 2), width, out_w).view(2, batch, out_w, width)
     else:
-        weight_y = _axis_weights(axis_rois[1], height, out_h)  # [B, sh, h]
-        weight_x = _axis_weights(axis_rois[0], width, out_w)  # [B, sw, w]
+        weight_y = _axis_weights(spans[1], height, out_h)  # [B, sh, h]
+        weight_x = _axis_weights(spans[0], width, out_w)  # [B, sw, w]
     bins, cells = out_h * out_w, height * width
     # [B, sh * sw, h * w]: the weight of every cell in every output bin.
     cell_weights = (weight_y[:, :, None, :, None] * weight_x[:, None, :, None, :]).view(batch, bins, cells)
@@ -142,26 +141,39 @@ def _check_inputs(
     return size
 
 
-def _axis_rois(boxes: Tensor, height: int, width: int, box_order: str) -> Tensor:
-    """[B, 4] normalised boxes -> [2, B, 5]: for x, then y, the roi_align RoIs (0, start, 0, end, 0)
-    that span the box along that axis on a one-row map, in the cell frame, per ``box_order``."""
+def _axis_spans(boxes: Tensor, height: int, width: int, box_order: str) -> Tensor:
+    """[B, 4] normalised boxes -> [2, B, 2]: for x, then y, the (start, end) of each RoI in the cell
+    frame (cell j spans [j - 0.5, j + 0.5]), per ``box_order``."""
     if box_order == "xyxy":
         cell_boxes = boxes * boxes.new_tensor([width, height, width, height]) - 0.5
     else:
         cell_boxes = boxes.reshape(-1, 2, 2).flip(2) * width - 0.5
-    rois = boxes.new_zeros(2, len(boxes), 5)
-    rois[:, :, 1::2] = cell_boxes.view(-1, 2, 2).permute(2, 0, 1)  # [axis, B, (start, end)]
-    return rois
+    return cell_boxes.view(-1, 2, 2).permute(2, 0, 1)
 
 
-def _axis_weights(rois: Tensor, length: int, bins: int) -> Tensor:
-    """One-row RoIs [B, 5] along one axis -> [B, bins, length]: the weight of each cell in each bin.
+def _axis_weights(spans: Tensor, length: int, bins: int) -> Tensor:
+    """RoI spans [N, 2] (start, end) along one axis -> [N, bins, length]: the weight of each cell in
+    each bin, as roi_align (aligned=False, sampling_ratio=-1) gives it.
 
-    roi_align (aligned=False, sampling_ratio=-1) is separable: a sampling point counts only if
-    both of its coordinates lie in [-1, size], the points per bin are ceil(bin height) times
-    ceil(bin width), and bilinear weights are products of linear ones. So its weights over the
-    cells are products of per-axis weights, which roi_align itself gives on a one-row map whose
-    channel c is one at cell c (the row gets weight 1).
+    roi_align is separable: the RoI length is clamped to >= 1 and cut into `bins` bins of
+    ceil(length / bins) sampling points each (the count of a 2-D bin is the product of the two
+    axes'); a point outside [-1, length] adds nothing, one in [-1, 0] is moved to 0, one at or past
+    the last cell centre takes that cell alone, any other splits linearly between its two cells.
+    Positions follow roi_align's arithmetic: start + bin * bin_size + (i + 0.5) * bin_size / grid.
     """
-    one_hot = torch.eye(length, dtype=rois.dtype, device=rois.device).view(1, length, 1, length)
-    return roi_align(one_hot, rois, (1, bins), 1.0, -1, False).view(-1, length, bins).mT.contiguous()
+    start = spans[:, 0, None, None]
+    roi_length = (spans[:, 1] - spans[:, 0]).clamp_min(1.0)[:, None, None]
+    bin_size = roi_length / bins
+    grid = torch.ceil(roi_length / bins)  # [N, 1, 1] sampling points per bin
+    points = torch.arange(int(grid.max()), dtype=spans.dtype, device=spans.device)
+    bin_index = torch.arange(bins, dtype=spans.dtype, device=spans.device)[:, None]
+    x = start + bin_index * bin_size + (points + 0.5) * bin_size / grid  # [N, bins, G]
+    counted = (points < grid) & (x >= -1.0) & (x <= length)
+    x = x.clamp_min(0.0)
+    low = x.floor().clamp_max(length - 1)
+    fraction = torch.where(low >= length - 1, 0.0, x - low)
+    share = counted / grid
+    weights = spans.new_zeros(len(spans), bins, length)
+    weights.scatter_add_(2, low.long(), share * (1.0 - fraction))
+    weights.scatter_add_(2, (low + 1).clamp_max(length - 1).long(), share * fraction)
+    return weights
