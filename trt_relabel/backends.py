@@ -168,17 +168,19 @@ def open_backend(
     precision: str | None = None,
     max_batch: int = 64,
     pretrained: bool = True,
+    compile: bool = False,
     log: Callable[[str], None] = print,
 ) -> Backend:
     """Open a backend for a teacher, building its ONNX graphs (and engine) when missing.
 
     kind: "auto" | "onnxruntime" | "torch" | "tensorrt". precision: "fp32" | "fp16" (default fp32
     on CPU, fp16 on a GPU). device (torch backend): "cpu", "cuda", "cuda:1", ... (default: CUDA when
-    present). max_batch: the largest batch the TensorRT profile accepts.
+    present). max_batch: the largest batch the TensorRT profile accepts. compile (torch backend):
+    `torch.compile` the teacher.
     """
     resolved = choose_backend(kind)
     if resolved == "torch":
-        return _torch_backend(teacher, checkpoint, size, topk, device, precision, pretrained)
+        return _torch_backend(teacher, checkpoint, size, topk, device, precision, pretrained, compile)
     if resolved == "tensorrt" and not (cuda_available() and tensorrt_importable()):
         missing = "a CUDA GPU" if tensorrt_importable() else "the tensorrt package (pip install 'trt-relabel[gpu]')"
         raise BackendError(f"the tensorrt backend needs TensorRT and a CUDA GPU; {missing} is missing here")
@@ -204,6 +206,7 @@ def _torch_backend(
     device: str | None,
     precision: str | None,
     pretrained: bool,
+    compile: bool,
 ) -> TorchBackend:
     target = torch.device(device or ("cuda" if cuda_available() else "cpu"))
     if target.type == "cuda" and not cuda_available():
@@ -212,4 +215,4 @@ def _torch_backend(
     prepared = prepare_teacher(teacher, checkpoint, size, topk, pretrained)
     graph = relabel_graph(prepared, precision)
     metadata = dataclasses.replace(prepared.metadata, precision=precision)
-    return TorchBackend(graph, metadata, target, channels_last=target.type == "cuda")
+    return TorchBackend(graph, metadata, target, channels_last=target.type == "cuda", compile=compile)

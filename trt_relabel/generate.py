@@ -287,6 +287,7 @@ def generate(
     shard: tuple[int, int] = (0, 1),
     engines_dir: str | Path = "engines",
     decode: str = "cpu",
+    compile: bool = False,
     progress: bool = True,
 ) -> GenerateResult:
     """Label the images under `data` (or those of `file_list`) into the store `out`; resume it when
@@ -294,6 +295,7 @@ def generate(
     (default: one per core but one; 0 decodes in this process). `shard=(i, n)`: label only rows
     with row % n == i. `decode="gpu"`: JPEGs are decoded and resized on the GPU (nvJPEG), other
     files on the CPU; not bit-identical to the CPU path (see :mod:`trt_relabel.gpu_decode`).
+    `compile`: `torch.compile` the teacher of the torch backend.
     Raises UsageError for bad arguments, RelabelError (StoreError, ...) for
     expected failures; inputs that cannot be decoded are listed in errors.jsonl, not raised.
     """
@@ -331,6 +333,7 @@ def generate(
                 engines_dir=engines_dir,
                 device=group.device(),
                 max_batch=batch_size,
+                compile=compile,
                 log=log,
             )
         )

@@ -40,6 +40,7 @@ def generate_command(
     decode: Annotated[
         str, typer.Option("--decode", help="cpu | gpu (JPEGs decoded and resized on the GPU with nvJPEG).")
     ] = "cpu",
+    compile: Annotated[bool, typer.Option("--compile", help="torch backend: torch.compile the teacher.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Delete an existing store and start over.")] = False,
 ) -> None:
     """Label every image of DATA with the teacher's top-k label maps into the store --out.
@@ -67,6 +68,7 @@ def generate_command(
         shard=parse_shard(shard),
         engines_dir=engines_dir,
         decode=decode,
+        compile=compile,
     )
     if result.rank != 0:
         return  # torchrun: rank 0 reports for the whole store
