@@ -308,19 +308,27 @@ def _draw_legend(ax, legend: list[tuple[int, int, tuple]], names: list[str], tea
     from matplotlib.patches import Patch
 
     shown = legend[:MAX_LEGEND_CLASSES]
-    handles = [Patch(color=colour, label=f"{names[c]} ({c}): {cells} cells") for c, cells, colour in shown]
+    two_columns = len(shown) > 8
+    handles = [
+        Patch(color=colour, label=f"{_short(names[c], 14 if two_columns else 28)} ({c}): {cells}")
+        for c, cells, colour in shown
+    ]
     if len(legend) > len(shown):
         handles.append(Patch(color=(0.5, 0.5, 0.5), label=f"{len(legend) - len(shown)} more classes"))
     legend_box = ax.legend(
         handles=handles,
         loc="upper left",
-        ncols=1 if len(handles) <= 8 else 2,
-        fontsize="small",
+        ncols=2 if two_columns else 1,
+        fontsize="x-small" if two_columns else "small",
         frameon=False,
-        title=f"top-1 class per cell ({teacher})",
+        title=f"top-1 class per cell: cells ({teacher})",
     )
     legend_box.set_in_layout(False)  # a long legend must not shrink the photo and the bars
     ax.set_axis_off()
+
+
+def _short(name: str, length: int) -> str:
+    return name if len(name) <= length else name[: length - 1] + "…"
 
 
 def _draw_bars(ax, top5: list[tuple[int, float]], names: list[str], region: str) -> None:
