@@ -18,6 +18,7 @@ from PIL import Image
 
 from trt_relabel.export import prepare_teacher, read_graph_metadata, relabel_graph
 from trt_relabel.images import resize_whole
+from trt_relabel.pooling import label_pooling
 
 SIZE = 475
 
@@ -40,12 +41,10 @@ def run(path, pixels):
 
 
 def pooled_top1(values: np.ndarray, indices: np.ndarray, num_classes: int = 1000) -> np.ndarray:
-    """Global pooled top-1 of top-k maps: mean over cells of the dense map rebuilt with zeros elsewhere."""
-    batch = values.shape[0]
-    dense = np.zeros((batch, num_classes), np.float64)
-    rows = np.broadcast_to(np.arange(batch)[:, None, None, None], indices.shape)
-    np.add.at(dense, (rows, indices), values.astype(np.float64))
-    return dense.argmax(1)
+    """Global pooled top-1 of top-k maps: LabelPooling over the whole image (the mean over cells)."""
+    boxes = torch.tensor([[0.0, 0.0, 1.0, 1.0]]).repeat(len(values), 1)
+    pooled = label_pooling(torch.from_numpy(values.astype(np.float32)), torch.from_numpy(indices), boxes, num_classes)
+    return pooled.argmax(1).numpy()
 
 
 def test_graph_contract_and_metadata(built):
