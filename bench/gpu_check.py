@@ -189,7 +189,7 @@ def _imagenet_truth(store) -> np.ndarray | None:
 def _pooled_accuracy(store, truth: np.ndarray) -> float:
     from trt_relabel.pooling import label_pooling
 
-    values, indices = torch.from_numpy(store.values[:].astype(np.float32)), torch.from_numpy(store.indices[:])
+    values, indices = torch.from_numpy(store.values.astype(np.float32)), torch.from_numpy(np.array(store.indices))
     boxes = torch.tensor([[0.0, 0.0, 1.0, 1.0]]).repeat(len(store), 1)
     top1 = label_pooling(values, indices, boxes, store.num_classes).argmax(1).numpy()
     return round(float((top1 == truth).mean()), 4)
