@@ -174,9 +174,9 @@ def open_backend(
     """Open a backend for a teacher, building its ONNX graphs (and engine) when missing.
 
     kind: "auto" | "onnxruntime" | "torch" | "tensorrt". precision: "fp32" | "fp16" (default fp32
-    on CPU, fp16 on a GPU). device (torch backend): "cpu", "cuda", "cuda:1", ... (default: CUDA when
-    present). max_batch: the largest batch the TensorRT profile accepts. compile (torch backend):
-    `torch.compile` the teacher.
+    on CPU, fp16 on a GPU). device (torch and tensorrt backends): "cpu", "cuda", "cuda:1", ...
+    (default: CUDA when present, GPU 0). max_batch: the largest batch the TensorRT profile
+    accepts. compile (torch backend): `torch.compile` the teacher.
     """
     resolved = choose_backend(kind)
     if resolved == "torch":
@@ -189,7 +189,7 @@ def open_backend(
         from trt_relabel.tensorrt_engine import TensorRTBackend, build_engine
 
         plan = build_engine(graphs.fp16, max_batch=max_batch, rebuild_stale=False, log=log)
-        return TensorRTBackend(plan, max_batch)
+        return TensorRTBackend(plan, max_batch, device=torch.device(device or "cuda").index or 0)
     providers, graph_precision = ort_providers(precision)
     graph = graphs.fp16 if graph_precision == "fp16" else graphs.fp32
     backend = OnnxRuntimeBackend(graph, dataclasses.replace(graphs.metadata, precision=graph_precision), providers)
