@@ -28,8 +28,6 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TimeRemainingColumn
-from rich.text import Text
 
 from trt_relabel.errors import RelabelError, UsageError
 from trt_relabel.images import (
@@ -41,6 +39,7 @@ from trt_relabel.images import (
     read_file_list,
     resize_whole,
 )
+from trt_relabel.progress import progress_bar
 from trt_relabel.store import (
     ERRORS,
     MANIFEST,
@@ -197,17 +196,6 @@ def default_workers() -> int:
     """Decoding processes: every core this process may use but the one that feeds the teacher."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return max(1, cores - 1)
-
-
-class _RateColumn(ProgressColumn):
-    def render(self, task: Task) -> Text:
-        speed = task.finished_speed or task.speed or 0.0
-        return Text(f"{speed:.1f} img/s", style="progress.data.speed")
-
-
-def _progress(enabled: bool) -> Progress:
-    columns = ("{task.description}", BarColumn(), MofNCompleteColumn(), _RateColumn(), "ETA", TimeRemainingColumn())
-    return Progress(*columns, console=console, disable=not enabled)
 
 
 class _Group:
@@ -445,7 +433,7 @@ def _label_rows(
     dataset = PendingImages(data, samples, rows, meta.input_size, meta.interpolation, decode)
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate)
     done = 0
-    with _progress(show) as bar:
+    with progress_bar(console, show) as bar:
         task = bar.add_task("labelling", total=len(rows))
 
         def advance(count: int) -> None:

@@ -11,12 +11,11 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
 from rich.table import Table
-from rich.text import Text
 
 from trt_relabel.cli._app import app, console
 from trt_relabel.errors import UsageError
+from trt_relabel.progress import progress_bar
 
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Delete an existing store at --out and start over.")]
 WorkersOpt = Annotated[
@@ -27,19 +26,10 @@ HeightOpt = Annotated[int, typer.Option("--height", min=150, help="PNG height in
 DEFAULT_WORKERS = min(8, os.cpu_count() or 1)
 
 
-class _RateColumn(ProgressColumn):
-    """Images per second."""
-
-    def render(self, task) -> Text:
-        speed = task.finished_speed or task.speed
-        return Text(f"{speed:,.0f} img/s" if speed else "- img/s", style="progress.data.speed")
-
-
 @contextmanager
 def _progress(description: str) -> Iterator:
     """A rich progress bar (count, img/s, ETA) on stderr; yields the (done, total) callback of the API."""
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), _RateColumn())
-    with Progress(*columns, TimeRemainingColumn(), console=console) as progress:
+    with progress_bar(console) as progress:
         task = progress.add_task(description, total=None)
         yield lambda done, total: progress.update(task, completed=done, total=total)
 
