@@ -27,7 +27,7 @@ from trt_relabel.backends import (
     tensorrt_importable,
 )
 from trt_relabel.errors import UsageError
-from trt_relabel.export import BuiltGraphs, build_graphs, prepare_teacher, relabel_graph
+from trt_relabel.export import BuiltGraphs, PreparedTeacher, export_graphs, prepare_teacher, relabel_graph
 from trt_relabel.generate import find_inputs, generate
 from trt_relabel.images import load_rgb, resize_whole
 
@@ -69,11 +69,8 @@ def time_model(backend: Backend, pixels: np.ndarray, batch_size: int, repeats: i
     return repeats * len(pixels) / (time.perf_counter() - start)
 
 
-def model_variants(
-    graphs: BuiltGraphs, teacher: str, size: int | None, topk: int, checkpoint
-) -> list[tuple[Backend, str | None]]:
+def model_variants(graphs: BuiltGraphs, prepared: PreparedTeacher) -> list[tuple[Backend, str | None]]:
     """(backend, generate kind or None) for each variant available here; the reference comes first."""
-    prepared = prepare_teacher(teacher, checkpoint, size, topk)
     meta = prepared.metadata
     device = torch.device("cuda" if cuda_available() else "cpu")
     fp32 = dataclasses.replace(meta, precision="fp32")
@@ -115,7 +112,8 @@ def run_bench(
     entries = find_inputs(data)[:limit]
     if not entries:
         raise UsageError(f"{data}: no images to benchmark")
-    graphs = build_graphs(teacher, checkpoint, size, topk, engines_dir, log=log)
+    prepared = prepare_teacher(teacher, checkpoint, size, topk)
+    graphs = export_graphs(prepared, engines_dir, log=log)
     meta = graphs.metadata
     root = Path(data)
     pixels = np.stack([resize_whole(load_rgb(root / e.path), meta.input_size, meta.interpolation) for e in entries])
@@ -123,7 +121,7 @@ def run_bench(
     with tempfile.TemporaryDirectory(prefix="trt-relabel-bench-") as tmp:
         file_list = Path(tmp) / "images.txt"
         file_list.write_text("".join(f"{e.path}\n" for e in entries))
-        for backend, kind in model_variants(graphs, teacher, size, topk, checkpoint):
+        for backend, kind in model_variants(graphs, prepared):
             log(f"model only: {backend.name}")
             rate = time_model(backend, pixels, batch_size, repeats)
             e2e = None

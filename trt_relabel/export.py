@@ -259,13 +259,23 @@ def build_graphs(
     verify: bool = True,
     log: Callable[[str], None] = print,
 ) -> BuiltGraphs:
-    """Export the fp32 and FP16 relabel graphs of a teacher into `out_dir`.
+    """Export the fp32 and FP16 relabel graphs of a teacher into `out_dir` (see :func:`export_graphs`)."""
+    prepared = prepare_teacher(teacher, checkpoint, size, topk, pretrained)
+    return export_graphs(prepared, out_dir, verify, log)
+
+
+def export_graphs(
+    prepared: PreparedTeacher,
+    out_dir: str | Path = "engines",
+    verify: bool = True,
+    log: Callable[[str], None] = print,
+) -> BuiltGraphs:
+    """Export the fp32 and FP16 relabel graphs of a prepared teacher into `out_dir`.
 
     File names carry the teacher's content hash (weights + options): an unchanged teacher reuses
     the existing files (`skipped=True`). With `verify`, the fp32 graph must match PyTorch within
     :data:`EXPORT_TOLERANCE` on a probe batch, and the FP16 graph must pass the ONNX checker.
     """
-    prepared = prepare_teacher(teacher, checkpoint, size, topk, pretrained)
     out_dir = Path(out_dir)
     stem = graph_stem(prepared.metadata)
     paths = {p: out_dir / f"{stem}.{p}.onnx" for p in ("fp32", "fp16")}
