@@ -32,6 +32,7 @@ from numpy.lib.format import open_memmap
 
 from trt_relabel import __version__
 from trt_relabel.errors import RelabelError
+from trt_relabel.fileio import umask, write_atomic
 from trt_relabel.images import ImageEntry
 
 FORMAT = "trt-relabel-store/1"
@@ -105,19 +106,6 @@ class StoreSpec:
 
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Replace `path` by `text` atomically (temporary file in the same directory + os.replace)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _read_samples(path: Path) -> list[ImageEntry]:
@@ -309,7 +297,7 @@ def _build(path: Path, spec: StoreSpec, samples: list[ImageEntry], extra: dict |
         _write_samples(tmp / SAMPLES, samples)
         (tmp / ERRORS).touch()
         (tmp / MANIFEST).write_text(json.dumps(_new_manifest(spec, len(samples), extra), indent=2) + "\n")
-        tmp.chmod(0o777 & ~_umask())
+        tmp.chmod(0o777 & ~umask())
         try:
             os.rename(tmp, path)  # replaces `path` only when it is an empty directory
         except OSError as e:
@@ -317,12 +305,6 @@ def _build(path: Path, spec: StoreSpec, samples: list[ImageEntry], extra: dict |
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _remove_store(path: Path) -> None:
@@ -437,7 +419,7 @@ class StoreWriter:
             failed = np.flatnonzero(status == FAILED)
             self._rewrite_errors(failed)
             manifest.update(num_failed=int(failed.size), complete=True, finished_at=_now())
-            _write_atomic(self.path / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+            write_atomic(self.path / MANIFEST, json.dumps(manifest, indent=2) + "\n")
             return True
         except OSError as e:
             raise StoreError(f"{e.filename or self.path}: cannot finish the store: {e.strerror}") from None
@@ -453,4 +435,4 @@ class StoreWriter:
         for row in failed_rows:
             path = self._samples[row].path
             lines.append(json.dumps({"path": path, "reason": reasons.get(path, "reason not recorded")}) + "\n")
-        _write_atomic(self.path / ERRORS, "".join(lines))
+        write_atomic(self.path / ERRORS, "".join(lines))

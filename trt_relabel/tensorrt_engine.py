@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ import torch
 from trt_relabel.backends import Backend, Pixels
 from trt_relabel.errors import RelabelError
 from trt_relabel.export import INPUT_NAME, GraphMetadata, read_graph_metadata, sha256_file
+from trt_relabel.fileio import write_atomic
 
 TIMING_CACHE_NAME = "tensorrt-timing.cache"
 #: Batches in flight in :meth:`TensorRTBackend.stream`: copy-in of n+1, compute of n, copy-out of n-1.
@@ -56,7 +56,7 @@ class EngineSidecar:
     built_at: str
 
     def save(self, path: Path) -> None:
-        _atomic_write(path, json.dumps(dataclasses.asdict(self), indent=2).encode())
+        write_atomic(path, json.dumps(dataclasses.asdict(self), indent=2).encode())
 
     @classmethod
     def load(cls, path: Path) -> EngineSidecar:
@@ -161,7 +161,7 @@ def build_engine(
                 raise
             log(f"rebuilding stale engine {plan}")
     serialized, io = _build_serialized(graph, profile, workspace_bytes, log)
-    _atomic_write(plan, serialized)
+    write_atomic(plan, serialized)
     EngineSidecar(
         tensorrt_version=env.tensorrt_version,
         gpu_name=env.gpu_name,
@@ -202,7 +202,7 @@ def _build_serialized(
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise EngineError(f"{graph}: TensorRT failed to build an engine (see the log above)")
-    _atomic_write(cache_path, bytes(config.get_timing_cache().serialize()))
+    write_atomic(cache_path, bytes(config.get_timing_cache().serialize()))
     io = {}
     for tensors, mode in (
         ([network.get_input(i) for i in range(network.num_inputs)], "input"),
@@ -320,10 +320,3 @@ class TensorRTBackend(Backend):
         while in_flight:
             done_tag, slot, batch = in_flight.popleft()
             yield (done_tag, *self._collect(slot, batch))
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
