@@ -138,7 +138,8 @@ def decode_check(images: list[Path], size: int) -> dict:
     jpegs = [d for d in datas if is_gpu_decodable(d)]
     paths = [p for p, d in zip(images, datas, strict=True) if is_gpu_decodable(d)]
     pixels, failed = decode_resize_jpegs(jpegs, size, "bicubic", torch.device("cuda"))
-    ok = [p for n, p in enumerate(paths) if n not in set(failed)]
+    rejected = set(failed)
+    ok = [p for n, p in enumerate(paths) if n not in rejected]
     cpu = np.stack([resize_whole(load_rgb(p), size, "bicubic") for p in ok])
     diff = np.abs(pixels.cpu().numpy().astype(int) - cpu.astype(int))
     torch.cuda.synchronize()

@@ -468,16 +468,17 @@ def _on_gpu(batch: DecodedBatch, data: Path, samples: list[ImageEntry], meta, wr
 
     device = torch.device("cuda", torch.cuda.current_device())
     gpu_pixels, rejected = decode_resize_jpegs(batch.jpegs, meta.input_size, meta.interpolation, device)
-    rows, pixels = list(batch.rows), list(batch.pixels)
-    for n in rejected:
+    rejected = set(rejected)
+    gpu_rows = [row for n, row in enumerate(batch.jpeg_rows) if n not in rejected]
+    cpu_rows, pixels = list(batch.rows), list(batch.pixels)
+    for n in sorted(rejected):
         row = batch.jpeg_rows[n]
         decoded, reason = decode_cpu(data / samples[row].path, meta.input_size, meta.interpolation)
         if decoded is None:
             writer.mark_failed(row, samples[row].path, reason)
             advance(1)
         else:
-            rows.append(row)
+            cpu_rows.append(row)
             pixels.append(decoded)
-    rows = [r for n, r in enumerate(batch.jpeg_rows) if n not in set(rejected)] + rows
     cpu_pixels = torch.from_numpy(np.stack(pixels)).to(device) if pixels else gpu_pixels[:0]
-    return np.array(rows, dtype=np.int64), torch.cat([gpu_pixels, cpu_pixels])
+    return np.array(gpu_rows + cpu_rows, dtype=np.int64), torch.cat([gpu_pixels, cpu_pixels])
