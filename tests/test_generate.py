@@ -79,6 +79,9 @@ def reference(image_folder, engines, tmp_path_factory) -> Path:
     result = label(image_folder, out, engines)
     assert (result.rows, result.labelled, result.failed, result.processed) == (12, 12, 0, 12)
     assert result.complete and result.backend.startswith("onnxruntime")
+    warmup_rows, warmup_seconds = result.warmup  # the first batch of 4
+    assert warmup_rows == 4 and 0 < warmup_seconds < result.seconds
+    assert result.steady_images_per_second == pytest.approx(8 / (result.seconds - warmup_seconds))
     return out
 
 

@@ -1,7 +1,8 @@
 """`trt-relabel bench`: model-only and end-to-end throughput of every available backend.
 
-Model-only: the backend alone on batches of already decoded and resized pixels. End-to-end: a real
-`generate` run (decode in worker processes, inference, writes into a store) over the same images.
+Model-only: the backend alone on batches of already decoded and resized pixels, after one warm-up
+batch. End-to-end: a real `generate` run (decode in worker processes, inference, writes into a store)
+over the same images, its rate taken after its first batch (pipeline fill and warm-up), likewise.
 Every rate is also given as a ratio to eager PyTorch fp32 (NCHW) on the same device in the same run.
 """
 
@@ -132,7 +133,7 @@ def run_bench(
                     backend=kind, batch_size=batch_size, workers=workers, file_list=file_list,
                     engines_dir=engines_dir, progress=False,
                 )  # fmt: skip
-                e2e = result.images_per_second
+                e2e = result.steady_images_per_second
             rows.append(BenchRow(backend.name, rate, e2e, kind))
     device = torch.cuda.get_device_name() if cuda_available() else f"CPU ({torch.get_num_threads()} threads)"
     return BenchReport(device, len(entries), batch_size, meta.input_size, rows)

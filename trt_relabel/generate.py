@@ -27,7 +27,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
+import torch
 from rich.console import Console
+from torch.utils.data import DataLoader, default_collate
 
 from trt_relabel.errors import RelabelError, UsageError
 from trt_relabel.images import (
@@ -73,10 +75,18 @@ class GenerateResult:
     seconds: float  # wall time of the labelling loop
     complete: bool  # the whole store is labelled (every row labelled or failed)
     rank: int = 0  # torchrun rank of this process (rank 0 reports for the whole store)
+    warmup: tuple[int, float] = (0, 0.0)  # (inputs, seconds) until the first batch was written (all ranks)
 
     @property
     def images_per_second(self) -> float:
         return self.processed / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def steady_images_per_second(self) -> float:
+        """The rate after the first batch: without the pipeline fill (worker start, first decode) and
+        the backend's first-run warm-up, which a short run cannot amortise."""
+        inputs, seconds = self.warmup
+        return (self.processed - inputs) / (self.seconds - seconds) if self.seconds > seconds else 0.0
 
     @property
     def errors_path(self) -> Path:
@@ -84,12 +94,13 @@ class GenerateResult:
 
 
 class DecodedBatch(NamedTuple):
-    """A collated batch. `rows` int64 [B] with `pixels` uint8 [B, S, S, 3] decoded on the CPU;
+    """A collated batch. `rows` int64 [B] with `pixels` uint8 [B, S, S, 3] decoded on the CPU (a torch
+    tensor, which a worker process hands over in shared memory rather than through a pipe);
     `jpeg_rows` with `jpegs`, the raw files left for the GPU decoder (`decode="gpu"` only);
     `failures`, (row, reason) of inputs that could not be read. Any part may be empty."""
 
     rows: np.ndarray
-    pixels: np.ndarray
+    pixels: torch.Tensor
     jpeg_rows: list[int]
     jpegs: list[bytes]
     failures: list[tuple[int, str]]
@@ -155,7 +166,7 @@ def collate(items: list[tuple[int, np.ndarray | None, bytes | None, str | None]]
     jpegs = [(row, data) for row, _, data, _ in items if data is not None]
     return DecodedBatch(
         rows=np.array([row for row, _ in decoded], dtype=np.int64),
-        pixels=np.stack([p for _, p in decoded]) if decoded else np.empty((0, 0, 0, 3), np.uint8),
+        pixels=default_collate([torch.from_numpy(p) for _, p in decoded]) if decoded else torch.empty(0, 0, 0, 3),
         jpeg_rows=[row for row, _ in jpegs],
         jpegs=[data for _, data in jpegs],
         failures=[(row, reason) for row, _, _, reason in items if reason is not None],
@@ -246,8 +257,6 @@ class _Group:
 
     def device(self) -> str | None:
         """The CUDA device of this rank under torchrun (None: the backend's default)."""
-        import torch
-
         if self.world == 1 or not torch.cuda.is_available():
             return None
         device = f"cuda:{self.local_rank % torch.cuda.device_count()}"
@@ -337,20 +346,18 @@ def generate(
         pending = writer.pending_rows(split)
         share = f" (rank 0's share; {group.world} ranks)" if group.world > 1 else ""
         log(f"labelling {len(pending)} of {len(samples)} images{share} with {runtime.name} into {out}")
-        start = time.perf_counter()
-        processed = _label_rows(writer, runtime, Path(data), samples, pending, batch_size, workers, show, decode)
-        processed, seconds = group.sum_and_max(processed, time.perf_counter() - start)
+        timing = _label_rows(writer, runtime, Path(data), samples, pending, batch_size, workers, show, decode)
+        processed, seconds = group.sum_and_max(timing.processed, timing.seconds)
+        warmup = group.sum_and_max(*timing.warmup)
         complete = writer.finish() if group.rank == 0 else False
         scope = (0, 1) if group.world > 1 and group.rank == 0 else split
         result = _result(writer, runtime.name, scope, processed, seconds, complete)
-        return dataclasses.replace(result, rank=group.rank)
+        return dataclasses.replace(result, rank=group.rank, warmup=warmup)
     finally:
         group.close()
 
 
 def _cuda_available() -> bool:
-    import torch
-
     return torch.cuda.is_available()
 
 
@@ -413,6 +420,12 @@ def _result(
     )
 
 
+class _LoopTiming(NamedTuple):
+    processed: int  # rows labelled or failed
+    seconds: float
+    warmup: tuple[int, float]  # (rows, seconds) until the first batch was written
+
+
 def _label_rows(
     writer: StoreWriter,
     backend: Backend,
@@ -423,12 +436,12 @@ def _label_rows(
     workers: int,
     show: bool,
     decode: str = "cpu",
-) -> int:
+) -> _LoopTiming:
     """Decode `rows` in `workers` processes while the teacher labels earlier batches
     (`backend.stream` overlaps transfers and compute where it can); write each batch into the store.
-    Returns the number of rows labelled or failed."""
-    from torch.utils.data import DataLoader
-
+    Returns how many rows were labelled or failed, and how long it took."""
+    start = time.perf_counter()
+    warmup = None
     meta = backend.metadata
     dataset = PendingImages(data, samples, rows, meta.input_size, meta.interpolation, decode)
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate)
@@ -453,7 +466,8 @@ def _label_rows(
         for labelled, values, indices in backend.stream(batches()):
             writer.write(labelled, values, indices)
             advance(len(labelled))
-    return done
+            warmup = warmup or (done, time.perf_counter() - start)
+    return _LoopTiming(done, time.perf_counter() - start, warmup or (0, 0.0))
 
 
 def _on_gpu(batch: DecodedBatch, data: Path, samples: list[ImageEntry], meta, writer: StoreWriter, advance):
@@ -462,8 +476,6 @@ def _on_gpu(batch: DecodedBatch, data: Path, samples: list[ImageEntry], meta, wr
     Returns (rows int64 [B], pixels uint8 [B, S, S, 3] on the GPU). JPEGs nvJPEG rejects take the CPU
     path here; those that fail there too are marked failed.
     """
-    import torch
-
     from trt_relabel.gpu_decode import decode_resize_jpegs
 
     device = torch.device("cuda", torch.cuda.current_device())
@@ -480,5 +492,5 @@ def _on_gpu(batch: DecodedBatch, data: Path, samples: list[ImageEntry], meta, wr
         else:
             cpu_rows.append(row)
             pixels.append(decoded)
-    cpu_pixels = torch.from_numpy(np.stack(pixels)).to(device) if pixels else gpu_pixels[:0]
+    cpu_pixels = torch.stack([torch.as_tensor(p) for p in pixels]).to(device) if pixels else gpu_pixels[:0]
     return np.array(gpu_rows + cpu_rows, dtype=np.int64), torch.cat([gpu_pixels, cpu_pixels])

@@ -143,4 +143,4 @@ def resize_whole(img: Image.Image, size: int, interpolation: str = "bicubic") ->
     Returns uint8 [size, size, 3] (HWC, RGB). Pillow's filters are antialiased when shrinking.
     """
     resized = img.resize((size, size), PIL_FILTERS[interpolation])
-    return np.asarray(resized, dtype=np.uint8)
+    return np.array(resized, dtype=np.uint8)

@@ -161,19 +161,17 @@ def _axis_weights(spans: Tensor, length: int, bins: int) -> Tensor:
     the last cell centre takes that cell alone, any other splits linearly between its two cells.
     Positions follow roi_align's arithmetic: start + bin * bin_size + (i + 0.5) * bin_size / grid.
     """
-    start = spans[:, 0, None, None]
-    roi_length = (spans[:, 1] - spans[:, 0]).clamp_min(1.0)[:, None, None]
-    bin_size = roi_length / bins
-    grid = torch.ceil(roi_length / bins)  # [N, 1, 1] sampling points per bin
-    points = torch.arange(int(grid.max()), dtype=spans.dtype, device=spans.device)
+    start, end = spans.unbind(1)
+    bin_size = (end - start).clamp_min_(1.0)[:, None, None] / bins  # [N, 1, 1]
+    grid = bin_size.ceil()  # sampling points per bin
+    offsets = torch.arange(0.5, int(grid.max()), dtype=spans.dtype, device=spans.device)  # [G]: i + 0.5
     bin_index = torch.arange(bins, dtype=spans.dtype, device=spans.device)[:, None]
-    x = start + bin_index * bin_size + (points + 0.5) * bin_size / grid  # [N, bins, G]
-    counted = (points < grid) & (x >= -1.0) & (x <= length)
-    x = x.clamp_min(0.0)
-    low = x.floor().clamp_max(length - 1)
-    fraction = torch.where(low >= length - 1, 0.0, x - low)
-    share = counted / grid
-    weights = spans.new_zeros(len(spans), bins, length)
-    weights.scatter_add_(2, low.long(), share * (1.0 - fraction))
-    weights.scatter_add_(2, (low + 1).clamp_max(length - 1).long(), share * fraction)
-    return weights
+    x = (start[:, None, None] + bin_index * bin_size) + offsets * bin_size / grid  # [N, bins, G]
+    share = ((offsets < grid) & (x.clamp(-1.0, length) == x)) / grid  # a counted point's share of its bin
+    x = x.clamp_(0.0, length - 1)  # past the last centre: that cell alone (x - low = 0 there)
+    low = x.floor()
+    high_share = (x - low).mul_(share)
+    weights = spans.new_zeros(len(spans), bins, length + 1)  # the extra column takes only zeros
+    weights.scatter_add_(2, low.long(), share - high_share)
+    weights.scatter_add_(2, low.long().add_(1), high_share)
+    return weights[..., :length]

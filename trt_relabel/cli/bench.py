@@ -39,9 +39,9 @@ def bench_command(
     )  # fmt: skip
     title = f"{report.device}: {report.images} images at {report.input_size}, batch {report.batch_size}"
     table = Table(title=title)
-    table.add_column("backend", no_wrap=True)
-    for column in ("model img/s", "x ref", "end-to-end img/s", "x ref", "e2e / model"):
-        table.add_column(column, justify="right")
+    table.add_column("backend")
+    for column in ("model", "x ref", "e2e", "x ref", "e2e/model"):
+        table.add_column(column, justify="right", no_wrap=True)
     for row in report.rows:
         e2e = row.end_to_end
         table.add_row(
@@ -53,4 +53,7 @@ def bench_command(
             "-" if e2e is None else f"{e2e / row.model_only:.0%}",
         )
     console.print(table)
-    console.print("ref = first row: eager PyTorch fp32, NCHW, model only")
+    console.print(
+        "img/s; model = model only, e2e = end to end (generate), each after its first batch; "
+        "ref = first row: eager PyTorch fp32, NCHW, model only"
+    )
