@@ -169,6 +169,30 @@ def test_bad_files_are_listed_and_the_rest_imported(tmp_path):
             np.testing.assert_array_equal(store[row][0], maps[sample.path][0].half().numpy())
 
 
+def test_images_sharing_a_map_file_are_failed_on_import_and_refused_on_export(tmp_path):
+    samples = make_image_folder(tmp_path / "data", 2)
+    relabel_root = tmp_path / "relabel"
+    maps = write_maps(relabel_root, samples, float16_exact=True)
+    twin = f"{WNIDS[0]}/img0.bmp"  # img0.<other extension> maps to img0.pt as well
+    Image.new("RGB", (16, 12)).save(tmp_path / "data" / twin)
+    summary = import_relabel(relabel_root, tmp_path / "data", tmp_path / "store")
+    assert (summary.imported, summary.failed) == (len(maps) - 1, 2)
+    store = LabelStore(tmp_path / "store")
+    errors = {e["path"]: e["reason"] for e in store.errors()}
+    first = next(path for path in maps if path.startswith(f"{WNIDS[0]}/img0."))
+    assert errors.keys() == {first, twin} and twin in errors[first] and first in errors[twin]
+
+    exported = run_cli("export-relabel", tmp_path / "store", "--out", tmp_path / "exported")
+    assert exported.returncode == 0, exported.stderr  # the twins are failed rows: nothing to export
+    labelled = create_store(tmp_path / "both", RELABEL_SPEC, store.samples)
+    labelled.write(np.arange(len(store)), *(np.zeros((len(store), 5, 15, 15), dtype) for dtype in ("f2", "i2")))
+    labelled.finish()
+    refused = run_cli("export-relabel", tmp_path / "both", "--out", tmp_path / "refused")
+    assert refused.returncode == 1 and refused.stderr.startswith("error: ") and len(refused.stderr.splitlines()) == 1
+    assert f"{twin} and {first} would both be written to" in refused.stderr  # .bmp sorts first
+    assert not (tmp_path / "refused").exists()
+
+
 def test_resume_reads_only_pending_rows(official, tmp_path):
     data, relabel_root, maps = official
 

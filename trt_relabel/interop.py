@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import posixpath
+from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -72,6 +74,23 @@ def relabel_map_path(relabel_root: Path, image_path: str) -> Path:
     if relative.is_absolute() or ".." in relative.parts:
         raise StoreError(f"{image_path}: sample path is not a plain relative path")
     return relabel_root / relative.with_suffix(".pt")
+
+
+def shared_map_files(samples: list[ImageEntry]) -> dict[int, str]:
+    """Rows whose official map file is another sample's too (same folder and stem, e.g. ``a/x.JPEG``
+    and ``a/x.png``), each with the path of one such other sample. The official layout cannot tell
+    these images apart."""
+    stems = [posixpath.splitext(sample.path)[0] for sample in samples]
+    counts = Counter(stems)
+    rows_by_stem: dict[str, list[int]] = {}
+    for row, stem in enumerate(stems):
+        if counts[stem] > 1:
+            rows_by_stem.setdefault(stem, []).append(row)
+    return {
+        row: samples[next(other for other in rows if other != row)].path
+        for rows in rows_by_stem.values()
+        for row in rows
+    }
 
 
 def _load_failure(error: Exception) -> str:
@@ -172,6 +191,11 @@ def import_relabel(
     samples = list_images(data_dir)
     writer = create_store(out, RELABEL_SPEC, samples, overwrite=overwrite, extra_manifest={"source": "import-relabel"})
     pending = writer.pending_rows()
+    shared = shared_map_files(samples)
+    for row in sorted(set(pending.tolist()) & shared.keys()):
+        other = shared[row]
+        writer.mark_failed(row, samples[row].path, f"its official map file is also {other}'s (same folder and stem)")
+    pending = np.array([row for row in pending if row not in shared], dtype=pending.dtype)
     imported = 0
     pool = _worker_pool(workers)
     try:
@@ -236,7 +260,16 @@ def export_relabel(
     files written."""
     store = LabelStore(store_path)
     out_root = Path(out_root)
-    rows = np.flatnonzero(store.labelled())
+    labelled = store.labelled()
+    rows = np.flatnonzero(labelled)
+    shared = {row: other for row, other in shared_map_files(store.samples).items() if labelled[row]}
+    if shared:
+        row, other = next(iter(shared.items()))
+        raise StoreError(
+            f"{store_path}: {store.samples[row].path} and {other} would both be written to "
+            f"{relabel_map_path(out_root, other)} (same folder and stem; {len(shared)} samples in all); "
+            "the official layout cannot hold both"
+        )
     pool = _worker_pool(workers)
     try:
         for done, chunk in enumerate(_chunks(rows, chunk_rows)):

@@ -28,10 +28,22 @@ DEFAULT_WORKERS = min(8, os.cpu_count() or 1)
 
 @contextmanager
 def _progress(description: str) -> Iterator:
-    """A rich progress bar (count, img/s, ETA) on stderr; yields the (done, total) callback of the API."""
-    with progress_bar(console) as progress:
-        task = progress.add_task(description, total=None)
-        yield lambda done, total: progress.update(task, completed=done, total=total)
+    """A rich progress bar (count, img/s, ETA) on stderr; yields the (done, total) callback of the API.
+    The bar appears with the first progress, so that an early error stands alone."""
+    bar = progress_bar(console)
+    tasks = []
+
+    def update(done: int, total: int) -> None:
+        if not tasks:
+            bar.start()
+            tasks.append(bar.add_task(description, total=total))
+        bar.update(tasks[0], completed=done, total=total)
+
+    try:
+        yield update
+    finally:
+        if tasks:
+            bar.stop()
 
 
 def _parse_floats(text: str, option: str, count: int | None = None) -> list[float]:
