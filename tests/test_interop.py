@@ -176,7 +176,7 @@ def test_images_sharing_a_map_file_are_failed_on_import_and_refused_on_export(tm
     twin = f"{WNIDS[0]}/img0.bmp"  # img0.<other extension> maps to img0.pt as well
     Image.new("RGB", (16, 12)).save(tmp_path / "data" / twin)
     summary = import_relabel(relabel_root, tmp_path / "data", tmp_path / "store")
-    assert (summary.imported, summary.failed) == (len(maps) - 1, 2)
+    assert (summary.imported, summary.failed, summary.already_done) == (len(maps) - 1, 2, 0)
     store = LabelStore(tmp_path / "store")
     errors = {e["path"]: e["reason"] for e in store.errors()}
     first = next(path for path in maps if path.startswith(f"{WNIDS[0]}/img0."))
@@ -191,6 +191,14 @@ def test_images_sharing_a_map_file_are_failed_on_import_and_refused_on_export(tm
     assert refused.returncode == 1 and refused.stderr.startswith("error: ") and len(refused.stderr.splitlines()) == 1
     assert f"{twin} and {first} would both be written to" in refused.stderr  # .bmp sorts first
     assert not (tmp_path / "refused").exists()
+    one_labelled = create_store(tmp_path / "one", RELABEL_SPEC, store.samples)
+    twin_row = [s.path for s in store.samples].index(twin)
+    others = np.array([row for row in range(len(store)) if row != twin_row])
+    one_labelled.write(others, *(np.zeros((len(others), 5, 15, 15), dtype) for dtype in ("f2", "i2")))
+    one_labelled.mark_failed(twin_row, twin, "not labelled")
+    one_labelled.finish()
+    assert run_cli("export-relabel", tmp_path / "one", "--out", tmp_path / "one-out").returncode == 0
+    assert (tmp_path / "one-out" / Path(first).with_suffix(".pt")).is_file()
 
 
 def test_resume_reads_only_pending_rows(official, tmp_path):

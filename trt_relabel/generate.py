@@ -164,9 +164,10 @@ def _gpu_jpeg(path: Path) -> bytes | None:
 def collate(items: list[tuple[int, np.ndarray | None, bytes | None, str | None]]) -> DecodedBatch:
     decoded = [(row, pixels) for row, pixels, _, _ in items if pixels is not None]
     jpegs = [(row, data) for row, _, data, _ in items if data is not None]
+    pixels = [torch.from_numpy(p) for _, p in decoded]
     return DecodedBatch(
         rows=np.array([row for row, _ in decoded], dtype=np.int64),
-        pixels=default_collate([torch.from_numpy(p) for _, p in decoded]) if decoded else torch.empty(0, 0, 0, 3),
+        pixels=default_collate(pixels) if pixels else torch.empty(0, 0, 0, 3, dtype=torch.uint8),
         jpeg_rows=[row for row, _ in jpegs],
         jpegs=[data for _, data in jpegs],
         failures=[(row, reason) for row, _, _, reason in items if reason is not None],

@@ -76,21 +76,30 @@ def relabel_map_path(relabel_root: Path, image_path: str) -> Path:
     return relabel_root / relative.with_suffix(".pt")
 
 
-def shared_map_files(samples: list[ImageEntry]) -> dict[int, str]:
-    """Rows whose official map file is another sample's too (same folder and stem, e.g. ``a/x.JPEG``
-    and ``a/x.png``), each with the path of one such other sample. The official layout cannot tell
-    these images apart."""
+def shared_map_files(samples: list[ImageEntry]) -> list[list[int]]:
+    """Groups of two or more rows whose samples have one official map file (same folder and stem,
+    e.g. ``a/x.JPEG`` and ``a/x.png``): the official layout cannot tell these images apart."""
     stems = [posixpath.splitext(sample.path)[0] for sample in samples]
     counts = Counter(stems)
-    rows_by_stem: dict[str, list[int]] = {}
+    groups: dict[str, list[int]] = {}
     for row, stem in enumerate(stems):
         if counts[stem] > 1:
-            rows_by_stem.setdefault(stem, []).append(row)
-    return {
-        row: samples[next(other for other in rows if other != row)].path
-        for rows in rows_by_stem.values()
-        for row in rows
-    }
+            groups.setdefault(stem, []).append(row)
+    return list(groups.values())
+
+
+def _fail_shared_map_files(writer: StoreWriter, samples: list[ImageEntry], pending: np.ndarray) -> np.ndarray:
+    """Mark failed the pending rows whose map file another sample has too; return the other pending rows."""
+    is_pending = np.zeros(len(samples), dtype=bool)
+    is_pending[pending] = True
+    for group in shared_map_files(samples):
+        for row in group:
+            if is_pending[row]:
+                other = samples[next(r for r in group if r != row)].path
+                reason = f"its official map file is also {other}'s (same folder and stem)"
+                writer.mark_failed(row, samples[row].path, reason)
+                is_pending[row] = False
+    return np.flatnonzero(is_pending)
 
 
 def _load_failure(error: Exception) -> str:
@@ -191,11 +200,8 @@ def import_relabel(
     samples = list_images(data_dir)
     writer = create_store(out, RELABEL_SPEC, samples, overwrite=overwrite, extra_manifest={"source": "import-relabel"})
     pending = writer.pending_rows()
-    shared = shared_map_files(samples)
-    for row in sorted(set(pending.tolist()) & shared.keys()):
-        other = shared[row]
-        writer.mark_failed(row, samples[row].path, f"its official map file is also {other}'s (same folder and stem)")
-    pending = np.array([row for row in pending if row not in shared], dtype=pending.dtype)
+    already_done = len(samples) - len(pending)
+    pending = _fail_shared_map_files(writer, samples, pending)
     imported = 0
     pool = _worker_pool(workers)
     try:
@@ -213,7 +219,7 @@ def import_relabel(
         num_samples=len(samples),
         imported=imported,
         failed=_num_failed(out),
-        already_done=len(samples) - len(pending),
+        already_done=already_done,
         complete=complete,
     )
 
@@ -262,14 +268,14 @@ def export_relabel(
     out_root = Path(out_root)
     labelled = store.labelled()
     rows = np.flatnonzero(labelled)
-    shared = {row: other for row, other in shared_map_files(store.samples).items() if labelled[row]}
-    if shared:
-        row, other = next(iter(shared.items()))
-        raise StoreError(
-            f"{store_path}: {store.samples[row].path} and {other} would both be written to "
-            f"{relabel_map_path(out_root, other)} (same folder and stem; {len(shared)} samples in all); "
-            "the official layout cannot hold both"
-        )
+    for group in shared_map_files(store.samples):
+        written = [row for row in group if labelled[row]]
+        if len(written) > 1:
+            first, second = (store.samples[row].path for row in written[:2])
+            raise StoreError(
+                f"{store_path}: {first} and {second} would both be written to {relabel_map_path(out_root, first)} "
+                "(same folder and stem); the official layout cannot hold both"
+            )
     pool = _worker_pool(workers)
     try:
         for done, chunk in enumerate(_chunks(rows, chunk_rows)):

@@ -171,7 +171,8 @@ def _axis_weights(spans: Tensor, length: int, bins: int) -> Tensor:
     x = x.clamp_(0.0, length - 1)  # past the last centre: that cell alone (x - low = 0 there)
     low = x.floor()
     high_share = (x - low).mul_(share)
+    low_cell = low.long()
     weights = spans.new_zeros(len(spans), bins, length + 1)  # the extra column takes only zeros
-    weights.scatter_add_(2, low.long(), share - high_share)
-    weights.scatter_add_(2, low.long().add_(1), high_share)
+    weights.scatter_add_(2, low_cell, share - high_share)
+    weights.scatter_add_(2, low_cell + 1, high_share)
     return weights[..., :length]
