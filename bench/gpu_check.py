@@ -27,8 +27,7 @@ import timm
 import torch
 
 from trt_relabel.backends import tensorrt_importable
-from trt_relabel.export import RelabelGraph, build_graphs, prepare_teacher, relabel_graph
-from trt_relabel.teacher import get_teacher_config, to_fully_convolutional
+from trt_relabel.export import PreparedTeacher, build_graphs, prepare_teacher, relabel_graph
 
 report: dict = {}
 
@@ -52,45 +51,36 @@ def cuda_rate(fn, batch: int, iters: int, warmup: int = 2) -> float:
     return batch * iters / (start.elapsed_time(end) / 1000)
 
 
-def teacher_throughput(name: str, graph32: RelabelGraph, size: int, batch: int, iters: int) -> dict:
+def teacher_throughput(name: str, prepared: PreparedTeacher, batch: int, iters: int) -> dict:
+    size = prepared.metadata.input_size
     pixels = torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8, device="cuda")
     rates = {}
     torch.backends.cudnn.benchmark = True
     variants = (("fp32 NCHW (reference)", "fp32", False), ("fp32 channels_last", "fp32", True),
                 ("fp16 channels_last", "fp16", True))  # fmt: skip
     for label, precision, channels_last in variants:
-        graph = graph32 if precision == "fp32" else _half_copy(graph32)
-        graph = graph.cuda()
-        if channels_last:
-            graph = graph.to(memory_format=torch.channels_last)
+        graph = relabel_graph(prepared, precision, channels_last).cuda()
         with torch.inference_mode():
             rates[label] = round(cuda_rate(lambda g=graph: g(pixels), batch, iters), 1)
         del graph
         torch.cuda.empty_cache()
-    graph32.cpu()
+    prepared.fcn.cpu()
     reference = rates["fp32 NCHW (reference)"]
     result = {"img_per_s": rates, "x_vs_fp32": {k: round(v / reference, 2) for k, v in rates.items()}}
     log(f"throughput {name} @{size} batch {batch}", result)
     return result
 
 
-def _half_copy(graph: RelabelGraph) -> RelabelGraph:
-    import copy
-
-    return copy.deepcopy(graph).half()
-
-
-def l2_graph(size: int) -> RelabelGraph:
-    config = get_teacher_config("efficientnet_l2_ns_475", size)
-    model = timm.create_model("tf_efficientnet_l2", pretrained=False).eval()
-    return RelabelGraph(to_fully_convolutional(model, size), config.mean, config.std, 5).eval()
+def l2_teacher() -> PreparedTeacher:
+    """The paper's teacher architecture at 475 with random weights (the hub is out of reach)."""
+    return prepare_teacher("efficientnet_l2_ns_475", pretrained=False)
 
 
 def fp16_agreement(prepared, photos: np.ndarray) -> dict:
     pixels = torch.from_numpy(photos).cuda()
     with torch.inference_mode():
         v32, i32 = relabel_graph(prepared, "fp32").cuda()(pixels)
-        v16, i16 = relabel_graph(prepared, "fp16").cuda().to(memory_format=torch.channels_last)(pixels)
+        v16, i16 = relabel_graph(prepared, "fp16", channels_last=True).cuda()(pixels)
     clear = (v32[:, 0] - v32[:, 1]) > 0.1
     agree = (i16[:, 0] == i32[:, 0])[clear].float().mean().item()
     all_agree = (i16[:, 0] == i32[:, 0]).float().mean().item()
@@ -208,9 +198,7 @@ def main() -> None:
                         "python": platform.python_version(), "tensorrt": tensorrt_importable()})  # fmt: skip
     steps = [("pooling", pooling_check)]
     prepared = prepare_teacher()
-    steps.append(
-        ("lite0", lambda: teacher_throughput("efficientnet_lite0", relabel_graph(prepared), 475, args.batch, 20))
-    )
+    steps.append(("lite0", lambda: teacher_throughput("efficientnet_lite0", prepared, args.batch, 20)))
     if args.images:
         from trt_relabel.images import load_rgb, resize_whole
 
@@ -223,7 +211,7 @@ def main() -> None:
         steps.append(("tensorrt", lambda: tensorrt_check(args.engines, args.batch)))
     if not args.skip_l2:
         steps.append(
-            ("l2", lambda: teacher_throughput("tf_efficientnet_l2 (random weights)", l2_graph(475), 475, args.batch, 5))
+            ("l2", lambda: teacher_throughput("tf_efficientnet_l2 (random weights)", l2_teacher(), args.batch, 5))
         )
     for name, step in steps:
         start = time.perf_counter()

@@ -16,6 +16,7 @@ import torch
 from conftest import CAT_CLASSES, COFFEE_CLASS, UNIFORM_CLASS
 from PIL import Image
 
+from trt_relabel.backends import TorchBackend
 from trt_relabel.export import prepare_teacher, read_graph_metadata, relabel_graph
 from trt_relabel.images import resize_whole
 from trt_relabel.pooling import label_pooling
@@ -73,6 +74,18 @@ def test_fp32_graph_matches_pytorch_on_photos(built, pixels):
     assert (np.diff(values, axis=1) <= 0).all()  # descending along k
     top1 = pooled_top1(values, indices)
     assert top1[0] == COFFEE_CLASS and top1[1] in CAT_CLASSES and top1[2] == UNIFORM_CLASS
+
+
+def test_torch_layouts_agree_and_keep_the_shared_weights_nchw(pixels):
+    prepared = prepare_teacher(size=SIZE)
+    nchw = TorchBackend(relabel_graph(prepared), prepared.metadata, torch.device("cpu"))
+    channels_last = TorchBackend(relabel_graph(prepared, channels_last=True), prepared.metadata, torch.device("cpu"))
+    assert nchw.name == "torch (cpu, fp32, NCHW)" and channels_last.name == "torch (cpu, fp32, channels_last)"
+    assert all(p.is_contiguous() for p in prepared.fcn.parameters())  # the channels_last copy is its own
+    assert any(p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+               for p in channels_last.module.parameters())  # fmt: skip
+    (values, indices), (cl_values, cl_indices) = nchw(pixels), channels_last(pixels)
+    assert np.abs(values - cl_values).max() <= 1e-3 and (indices[:, 0] == cl_indices[:, 0]).mean() > 0.99
 
 
 def test_fp16_graph_agrees_with_fp32(built, pixels):

@@ -22,6 +22,7 @@ from trt_relabel.errors import RelabelError, UsageError
 from trt_relabel.export import (
     INPUT_NAME,
     GraphMetadata,
+    RelabelGraph,
     build_graphs,
     prepare_teacher,
     relabel_graph,
@@ -90,25 +91,17 @@ class OnnxRuntimeBackend(Backend):
 
 
 class TorchBackend(Backend):
-    """The eager PyTorch reference (CPU or CUDA). fp16 and channels_last are for CUDA."""
+    """Eager PyTorch (CPU or CUDA) over a relabel module, in its precision and layout (see
+    :func:`trt_relabel.export.relabel_graph`)."""
 
-    def __init__(
-        self,
-        graph: torch.nn.Module,
-        metadata: GraphMetadata,
-        device: torch.device,
-        channels_last: bool = False,
-        compile: bool = False,
-    ):
+    def __init__(self, graph: RelabelGraph, metadata: GraphMetadata, device: torch.device, compile: bool = False):
         graph = graph.to(device)
-        if channels_last:
-            graph = graph.to(memory_format=torch.channels_last)
         self.module = torch.compile(graph) if compile else graph
         self.device = device
         self.metadata = metadata
         self.graph_sha256 = ""
-        layout = ", channels_last" if channels_last else ""
-        self.name = f"torch ({device.type}, {metadata.precision}{layout}{', compiled' if compile else ''})"
+        layout = "channels_last" if graph.memory_format == torch.channels_last else "NCHW"
+        self.name = f"torch ({device.type}, {metadata.precision}, {layout}{', compiled' if compile else ''})"
 
     @torch.inference_mode()
     def __call__(self, pixels: Pixels) -> tuple[np.ndarray, np.ndarray]:
@@ -213,6 +206,6 @@ def _torch_backend(
         raise BackendError(f"device {device}: no CUDA GPU is available")
     precision = precision or ("fp16" if target.type == "cuda" else "fp32")
     prepared = prepare_teacher(teacher, checkpoint, size, topk, pretrained)
-    graph = relabel_graph(prepared, precision)
+    graph = relabel_graph(prepared, precision, channels_last=True)  # the faster layout on CPUs and GPUs
     metadata = dataclasses.replace(prepared.metadata, precision=precision)
-    return TorchBackend(graph, metadata, target, channels_last=target.type == "cuda", compile=compile)
+    return TorchBackend(graph, metadata, target, compile=compile)

@@ -65,32 +65,32 @@ def time_model(backend: Backend, pixels: np.ndarray, batch_size: int, repeats: i
     for _ in range(repeats):
         for batch in batches:
             backend(batch)
-    if cuda_available():
-        torch.cuda.synchronize()
     return repeats * len(pixels) / (time.perf_counter() - start)
 
 
-def model_variants(graphs: BuiltGraphs, prepared: PreparedTeacher) -> list[tuple[Backend, str | None]]:
+def model_variants(graphs: BuiltGraphs, prepared: PreparedTeacher, batch_size: int) -> list[tuple[Backend, str | None]]:
     """(backend, generate kind or None) for each variant available here; the reference comes first."""
     meta = prepared.metadata
     device = torch.device("cuda" if cuda_available() else "cpu")
     fp32 = dataclasses.replace(meta, precision="fp32")
+    cpu = device.type == "cpu"
     variants: list[tuple[Backend, str | None]] = [
-        (TorchBackend(relabel_graph(prepared, "fp32"), fp32, device), "torch" if device.type == "cpu" else None),
-        (TorchBackend(relabel_graph(prepared, "fp32"), fp32, device, channels_last=True), None),
+        (TorchBackend(relabel_graph(prepared, "fp32"), fp32, device), None),
+        (TorchBackend(relabel_graph(prepared, "fp32", channels_last=True), fp32, device), "torch" if cpu else None),
     ]
-    if device.type == "cuda":
+    if not cpu:
         fp16 = dataclasses.replace(meta, precision="fp16")
-        variants.append((TorchBackend(relabel_graph(prepared, "fp16"), fp16, device, channels_last=True), "torch"))
+        variants.append((TorchBackend(relabel_graph(prepared, "fp16", channels_last=True), fp16, device), "torch"))
     providers, precision = ort_providers(None)
     graph = graphs.fp16 if precision == "fp16" else graphs.fp32
     variants.append(
         (OnnxRuntimeBackend(graph, dataclasses.replace(meta, precision=precision), providers), "onnxruntime")
     )
-    if device.type == "cuda" and tensorrt_importable():
+    if not cpu and tensorrt_importable():
         from trt_relabel.tensorrt_engine import TensorRTBackend, build_engine
 
-        variants.append((TensorRTBackend(build_engine(graphs.fp16)), "tensorrt"))
+        plan = build_engine(graphs.fp16, max_batch=max(batch_size, 64))
+        variants.append((TensorRTBackend(plan, batch_size), "tensorrt"))
     return variants
 
 
@@ -122,7 +122,7 @@ def run_bench(
     with tempfile.TemporaryDirectory(prefix="trt-relabel-bench-") as tmp:
         file_list = Path(tmp) / "images.txt"
         file_list.write_text("".join(f"{e.path}\n" for e in entries))
-        for backend, kind in model_variants(graphs, prepared):
+        for backend, kind in model_variants(graphs, prepared, batch_size):
             log(f"model only: {backend.name}")
             rate = time_model(backend, pixels, batch_size, repeats)
             e2e = None

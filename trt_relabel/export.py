@@ -98,13 +98,23 @@ class PreparedTeacher:
 class RelabelGraph(nn.Module):
     """pixels uint8 [B, S, S, 3] (NHWC RGB) -> (values [B, k, h, w], indices int32 [B, k, h, w]).
 
-    Computes in the dtype of the teacher's parameters (float32 or float16).
+    Computes in the dtype of the teacher's parameters (float32 or float16). In eager PyTorch the
+    teacher's input is laid out NCHW, or channels_last with `channels_last` (the layout of the
+    weights is the caller's: see :func:`relabel_graph`); ONNX graphs have no layout.
     """
 
-    def __init__(self, fcn: FullyConvolutional, mean: tuple[float, ...], std: tuple[float, ...], topk: int):
+    def __init__(
+        self,
+        fcn: FullyConvolutional,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        topk: int,
+        channels_last: bool = False,
+    ):
         super().__init__()
         self.fcn = fcn
         self.topk = topk
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         dtype = next(fcn.parameters()).dtype
         std_t = torch.tensor(std, dtype=torch.float64).view(1, 3, 1, 1)
         mean_t = torch.tensor(mean, dtype=torch.float64).view(1, 3, 1, 1)
@@ -112,7 +122,8 @@ class RelabelGraph(nn.Module):
         self.register_buffer("shift", (-mean_t / std_t).to(dtype))
 
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = pixels.permute(0, 3, 1, 2).to(self.scale.dtype) * self.scale + self.shift
+        x = pixels.permute(0, 3, 1, 2).to(self.scale.dtype, memory_format=self.memory_format)
+        x = x * self.scale + self.shift
         values, indices = torch.topk(self.fcn(x), self.topk, dim=1)
         return values, indices.to(torch.int32)
 
@@ -147,13 +158,19 @@ def prepare_teacher(
     return PreparedTeacher(config, fcn, metadata)
 
 
-def relabel_graph(prepared: PreparedTeacher, precision: str = "fp32") -> RelabelGraph:
-    """The torch relabel module in `precision` "fp32" (shares `prepared`'s weights) or "fp16" (a copy)."""
+def relabel_graph(prepared: PreparedTeacher, precision: str = "fp32", channels_last: bool = False) -> RelabelGraph:
+    """The torch relabel module in `precision` "fp32" or "fp16", laid out NCHW or channels_last
+    (input and weights). fp32 NCHW shares `prepared`'s weights; the others own a converted copy."""
     if precision not in ("fp32", "fp16"):
         raise ExportError(f"precision must be fp32 or fp16, got {precision!r}")
-    graph = RelabelGraph(prepared.fcn, prepared.config.mean, prepared.config.std, prepared.metadata.topk)
+    config = prepared.config
+    graph = RelabelGraph(prepared.fcn, config.mean, config.std, prepared.metadata.topk, channels_last)
+    if precision == "fp16" or channels_last:
+        graph = copy.deepcopy(graph)
     if precision == "fp16":
-        graph = copy.deepcopy(graph).half()
+        graph = graph.half()
+    if channels_last:
+        graph = graph.to(memory_format=torch.channels_last)
     return graph.eval()
 
 
