@@ -194,14 +194,14 @@ def create_teacher(config: TeacherConfig, checkpoint: str | Path | None = None, 
     Weights: `checkpoint` when given (strict load), else the config's weights ("bundled" file or
     timm's hub), else random when `pretrained` is False (benchmarks of an architecture).
     """
+    if checkpoint is None and pretrained and config.weights == "hub":
+        return _from_hub(config).eval()
     model = timm.create_model(config.architecture, pretrained=False, num_classes=config.num_classes)
     if checkpoint is not None:
         _load_strict(model, load_checkpoint(checkpoint), str(checkpoint))
-    elif pretrained and config.weights == "bundled":
+    elif pretrained:
         path = bundled_lite0_path()
         _load_strict(model, load_checkpoint(path), str(path))
-    elif pretrained:
-        model = _from_hub(config)
     return model.eval()
 
 

@@ -25,7 +25,7 @@ import torch
 
 from trt_relabel.backends import Backend, Pixels
 from trt_relabel.errors import RelabelError
-from trt_relabel.export import INPUT_NAME, GraphMetadata, read_graph_metadata, sha256_file
+from trt_relabel.export import INPUT_NAME, OUTPUT_NAMES, GraphMetadata, read_graph_metadata, sha256_file
 from trt_relabel.fileio import write_atomic
 
 TIMING_CACHE_NAME = "tensorrt-timing.cache"
@@ -300,7 +300,7 @@ class TensorRTBackend(Backend):
 
     def _collect(self, slot: dict[str, Any], batch: int) -> tuple[np.ndarray, np.ndarray]:
         slot["done"].synchronize()
-        values, indices = (slot[f"host_{name}"][:batch].numpy().copy() for name in ("values", "indices"))
+        values, indices = (slot[f"host_{name}"][:batch].numpy().copy() for name in OUTPUT_NAMES)
         return values, indices
 
     def __call__(self, pixels: Pixels) -> tuple[np.ndarray, np.ndarray]:
