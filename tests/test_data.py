@@ -97,12 +97,12 @@ def test_crop_box_maps_back_to_the_cropped_pixels():
 def test_batches_are_built_in_workers_with_the_stores_rows(image_folder, label_store):
     entries = list_images(image_folder)
     transform = TrainTransform(32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
-    dataset = TrainBatches(image_folder, entries, transform, label_store)
-    dataset[[0]]  # opens the store in this process...
-    assert len(pickle.dumps(dataset)) < 10_000  # ...which is not pickled to the workers
+    store = LabelStore(label_store)
+    dataset = TrainBatches(image_folder, entries, transform, store)
+    assert len(pickle.dumps(dataset)) < 10_000  # the open store is not pickled to (spawned) workers
+    assert pickle.loads(pickle.dumps(dataset))[[0]].values.shape == (1, *store.spec.row_shape)  # it reopens
     sampler = ShardedBatchSampler(range(len(entries)), 5, shuffle=True, drop_last=False, seed=3)
     loader = batch_loader(dataset, sampler, workers=2, generator=torch.Generator().manual_seed(0))
-    store = LabelStore(label_store)
     seen = []
     for batch_rows, batch in zip(sampler, loader, strict=True):
         assert batch.images.shape == (len(batch_rows), 3, 32, 32) and batch.images.dtype == torch.float32

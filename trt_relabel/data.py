@@ -139,18 +139,19 @@ def _load(root: Path, entry: ImageEntry) -> Image.Image:
 class TrainBatches(Dataset):
     """Training batches, indexed by a list of rows (store rows = positions in `entries`).
 
-    `store` is the store's directory, opened lazily in each process (None: no label maps, for the
-    label modes that only use the folder classes).
+    `store` is the open label store (None: no label maps, for the label modes that only use the
+    folder classes). Forked loader workers share it; a pickled copy (a spawned worker) reopens it
+    from its directory.
     """
 
     def __init__(
-        self, root: Path, entries: Sequence[ImageEntry], transform: TrainTransform, store: Path | None
+        self, root: Path, entries: Sequence[ImageEntry], transform: TrainTransform, store: LabelStore | None
     ) -> None:
         self.root = Path(root)
         self.entries = list(entries)
         self.transform = transform
-        self.store_path = store
-        self._store: LabelStore | None = None
+        self.store_path = store.path if store is not None else None
+        self._store = store
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_store": None}

@@ -71,6 +71,7 @@ from trt_relabel.data import (
     trainable_rows,
 )
 from trt_relabel.errors import RelabelError, UsageError
+from trt_relabel.fileio import atomic_file
 from trt_relabel.pooling import label_pooling, soft_target
 from trt_relabel.store import LabelStore
 
@@ -499,9 +500,8 @@ def _rng_state() -> dict:
 
 
 def _save_checkpoint(path: Path, state: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    with atomic_file(path) as f:
+        torch.save(state, f)
 
 
 def _load_checkpoint(path: Path, device: torch.device) -> dict:
@@ -604,8 +604,9 @@ def _open_data(config: TrainConfig) -> tuple[list, LabelStore | None, int]:
     store = LabelStore(config.labels) if config.labels is not None else None
     if store is not None:
         aligned_store(entries, store, config.data)
-    num_classes = store.num_classes if store is not None else max(e.class_index for e in entries) + 1
-    if config.label_mode != "relabel" and max(e.class_index for e in entries) >= num_classes:
+    folder_classes = max(e.class_index for e in entries) + 1
+    num_classes = store.num_classes if store is not None else folder_classes
+    if config.label_mode != "relabel" and folder_classes > num_classes:
         raise RelabelError(f"{config.data}: more class folders than the store's {num_classes} classes")
     return entries, store, num_classes
 
@@ -645,7 +646,7 @@ def _train(config: TrainConfig, process: Process, console) -> TrainResult:
         raise UsageError(f"batch_size {config.batch_size} exceeds the {len(rows)} training images")
     cuda = process.device.type == "cuda"
     generator = torch.Generator()
-    dataset = TrainBatches(config.data, entries, transform, config.labels if uses_maps else None)
+    dataset = TrainBatches(config.data, entries, transform, store if uses_maps else None)
     loader = batch_loader(dataset, sampler, workers=config.workers, pin_memory=cuda, generator=generator)
     val_loader, real = _val_loader(config, mean, std, batch_size, process, cuda)
 
