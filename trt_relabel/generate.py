@@ -44,9 +44,10 @@ from trt_relabel.images import (
 from trt_relabel.progress import progress_bar
 from trt_relabel.store import (
     ERRORS,
+    LABELLED,
     MANIFEST,
+    PENDING,
     STORE_FILES,
-    LabelStore,
     StoreError,
     StoreSpec,
     StoreWriter,
@@ -405,16 +406,14 @@ def _spec(backend: Backend) -> StoreSpec:
 def _result(
     writer: StoreWriter, backend: str, scope: tuple[int, int], processed: int, seconds: float, complete: bool
 ) -> GenerateResult:
-    in_scope = np.arange(writer.num_samples) % scope[1] == scope[0]
-    labelled = int((LabelStore(writer.path).labelled() & in_scope).sum())
-    pending = len(writer.pending_rows(scope))
-    rows = int(in_scope.sum())
+    status = writer.status()[scope[0] :: scope[1]]
+    labelled = int((status == LABELLED).sum())
     return GenerateResult(
         store=writer.path,
         backend=backend,
-        rows=rows,
+        rows=len(status),
         labelled=labelled,
-        failed=rows - labelled - pending,
+        failed=len(status) - labelled - int((status == PENDING).sum()),
         processed=processed,
         seconds=seconds,
         complete=complete,

@@ -27,7 +27,7 @@ import numpy as np
 
 from trt_relabel.errors import UsageError
 from trt_relabel.images import ImageEntry, list_images
-from trt_relabel.store import LabelStore, StoreError, StoreSpec, StoreWriter, create_store
+from trt_relabel.store import ERRORS, LABELLED, LabelStore, StoreError, StoreSpec, StoreWriter, create_store
 
 #: What labelled the official maps: EfficientNet-L2 at 475 px, top-5 of 15 x 15 cells.
 RELABEL_SPEC = StoreSpec(
@@ -64,7 +64,7 @@ class ImportSummary:
 
     @property
     def errors_path(self) -> Path:
-        return self.store / "errors.jsonl"
+        return self.store / ERRORS
 
 
 def relabel_map_path(relabel_root: Path, image_path: str) -> Path:
@@ -151,9 +151,12 @@ def _read_map_or_reason(path: Path) -> tuple[np.ndarray, np.ndarray] | str:
         return f"label map {path}: {e}"
 
 
-def _chunks(rows: np.ndarray, size: int) -> Iterator[np.ndarray]:
+def _chunks(rows: np.ndarray, size: int, progress: ProgressCallback | None) -> Iterator[np.ndarray]:
+    """`rows` `size` at a time; `progress` (rows done, rows to do) after each chunk's work."""
     for start in range(0, len(rows), size):
         yield rows[start : start + size]
+        if progress:
+            progress(min(start + size, len(rows)), len(rows))
 
 
 def _parallel_map(func: Callable, items: list, pool: ProcessPoolExecutor | None) -> list:
@@ -205,11 +208,9 @@ def import_relabel(
     imported = 0
     pool = _worker_pool(workers)
     try:
-        for done, rows in enumerate(_chunks(pending, chunk_rows)):
+        for rows in _chunks(pending, chunk_rows, progress):
             paths = [relabel_map_path(relabel_root, samples[row].path) for row in rows]
             imported += _write_chunk(writer, samples, rows, _parallel_map(_read_map_or_reason, paths, pool))
-            if progress:
-                progress(min((done + 1) * chunk_rows, len(pending)), len(pending))
     finally:
         if pool:
             pool.shutdown(cancel_futures=True)
@@ -218,15 +219,15 @@ def import_relabel(
         store=Path(out),
         num_samples=len(samples),
         imported=imported,
-        failed=_num_failed(out),
+        failed=_num_failed(writer),
         already_done=already_done,
         complete=complete,
     )
 
 
-def _num_failed(store_path: str | Path) -> int:
-    store = LabelStore(store_path)
-    return len(store) - int(store.labelled().sum())
+def _num_failed(writer: StoreWriter) -> int:
+    """Rows of the store not labelled."""
+    return writer.num_samples - int((writer.status() == LABELLED).sum())
 
 
 def _write_chunk(writer: StoreWriter, samples: list[ImageEntry], rows: np.ndarray, results: list) -> int:
@@ -278,15 +279,13 @@ def export_relabel(
             )
     pool = _worker_pool(workers)
     try:
-        for done, chunk in enumerate(_chunks(rows, chunk_rows)):
+        for chunk in _chunks(rows, chunk_rows, progress):
             values, indices = store.gather(chunk)
             tensors = np.stack([values, indices], axis=1).astype(np.float32)  # [B, 2, k, h, w]
             paths = [relabel_map_path(out_root, store.samples[row].path) for row in chunk]
             for folder in {path.parent for path in paths}:
                 folder.mkdir(parents=True, exist_ok=True)
             _parallel_map(_save_map, list(zip(paths, tensors, strict=True)), pool)
-            if progress:
-                progress(min((done + 1) * chunk_rows, len(rows)), len(rows))
     finally:
         if pool:
             pool.shutdown(cancel_futures=True)
@@ -424,7 +423,7 @@ def merge_stores(
     labelled_in = [s.labelled() for s in stores]
     labelled = np.logical_and.reduce(labelled_in)
     merged = 0
-    for done, rows in enumerate(_chunks(pending, chunk_rows)):
+    for rows in _chunks(pending, chunk_rows, progress):
         for row in rows[~labelled[rows]]:
             failed_in = next(s.path for s, ok in zip(stores, labelled_in, strict=True) if not ok[row])
             writer.mark_failed(int(row), samples[row].path, f"failed in the input store {failed_in}")
@@ -436,9 +435,7 @@ def merge_stores(
             )
             writer.write(good, merged_values, merged_indices)
             merged += len(good)
-        if progress:
-            progress(min((done + 1) * chunk_rows, len(pending)), len(pending))
     complete = writer.finish()
     return MergeSummary(
-        store=Path(out), num_samples=len(samples), merged=merged, failed=_num_failed(out), complete=complete
+        store=Path(out), num_samples=len(samples), merged=merged, failed=_num_failed(writer), complete=complete
     )

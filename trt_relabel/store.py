@@ -211,9 +211,13 @@ class LabelStore:
             raise IndexError(f"{self.path}: rows must lie in [0, {len(self)}), got {unique[[0, -1]].tolist()}")
         return self.values[unique][inverse], self.indices[unique][inverse]
 
+    def status(self) -> np.ndarray:
+        """uint8 [N]: each row's status, PENDING, LABELLED or FAILED."""
+        return np.asarray(self._status)
+
     def labelled(self) -> np.ndarray:
         """bool [N]: the rows that hold labels (status labelled)."""
-        return np.asarray(self._status) == LABELLED
+        return self.status() == LABELLED
 
     def errors(self) -> list[dict]:
         """The parsed lines of errors.jsonl ({"path": ..., "reason": ...}); [] when there is none."""
@@ -369,10 +373,14 @@ class StoreWriter:
         self._indices = _load_array(self.path / INDICES, "r+", np.int16, shape)
         self._status = _load_array(self.path / STATUS, "r+", np.uint8, (self.num_samples,))
 
+    def status(self) -> np.ndarray:
+        """uint8 [N]: each row's status as now written (by every process), PENDING, LABELLED or FAILED."""
+        return np.asarray(self._status)
+
     def pending_rows(self, shard: tuple[int, int] = (0, 1)) -> np.ndarray:
         """int64 [M], ascending: the rows still pending whose row % shard[1] == shard[0]."""
         index, count = shard
-        rows = np.flatnonzero(np.asarray(self._status) == PENDING)
+        rows = np.flatnonzero(self.status() == PENDING)
         return rows[rows % count == index]
 
     def write(self, rows: np.ndarray, values: np.ndarray, indices: np.ndarray) -> None:

@@ -18,7 +18,7 @@ from trt_relabel.classes import class_names
 from trt_relabel.errors import RelabelError, UsageError
 from trt_relabel.images import ImageLoadError, load_rgb
 from trt_relabel.interop import ProgressCallback
-from trt_relabel.store import FAILED, PENDING, STATUS, LabelStore
+from trt_relabel.store import FAILED, LABELLED, PENDING, LabelStore
 
 FULL_BOX = (0.0, 0.0, 1.0, 1.0)
 DPI = 100
@@ -88,8 +88,8 @@ def store_stats(
     `progress`, if given, is called with (rows done, rows to do)."""
     if not 0 <= threshold < 1:
         raise UsageError(f"--threshold {threshold}: must lie in [0, 1)")
-    status = np.load(store.path / STATUS, mmap_mode="r")
-    rows = np.flatnonzero(store.labelled())
+    status = store.status()
+    rows = np.flatnonzero(status == LABELLED)
     classes = np.array([s.class_index for s in store.samples], dtype=np.int64)[rows]
     top1 = np.empty(len(rows), np.int64)
     second = np.empty(len(rows), np.float32)
