@@ -135,9 +135,16 @@ def choose_backend(kind: str) -> str:
         raise UsageError(f"unknown backend {kind!r}; choose from {', '.join(BACKENDS)}")
     if kind != "auto":
         return kind
-    if cuda_available() and tensorrt_importable():
+    if tensorrt_missing() is None:
         return "tensorrt"
     return "onnxruntime"
+
+
+def tensorrt_missing() -> str | None:
+    """What the TensorRT backend lacks here (None: it can run)."""
+    if not tensorrt_importable():
+        return "the tensorrt package (pip install 'trt-relabel[gpu]')"
+    return None if cuda_available() else "a CUDA GPU"
 
 
 def ort_providers(precision: str | None) -> tuple[list[str], str]:
@@ -174,8 +181,8 @@ def open_backend(
     resolved = choose_backend(kind)
     if resolved == "torch":
         return _torch_backend(teacher, checkpoint, size, topk, device, precision, pretrained, compile)
-    if resolved == "tensorrt" and not (cuda_available() and tensorrt_importable()):
-        missing = "a CUDA GPU" if tensorrt_importable() else "the tensorrt package (pip install 'trt-relabel[gpu]')"
+    missing = tensorrt_missing() if resolved == "tensorrt" else None
+    if missing:
         raise BackendError(f"the tensorrt backend needs TensorRT and a CUDA GPU; {missing} is missing here")
     graphs = build_graphs(teacher, checkpoint, size, topk, engines_dir, pretrained=pretrained, log=log)
     if resolved == "tensorrt":

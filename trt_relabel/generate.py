@@ -306,7 +306,7 @@ def generate(
         raise UsageError(f"shard {shard[0]}/{shard[1]}: expected I/N with 0 <= I < N")
     if decode not in ("cpu", "gpu"):
         raise UsageError(f"--decode {decode!r}: expected cpu or gpu")
-    if decode == "gpu" and not _cuda_available():
+    if decode == "gpu" and not torch.cuda.is_available():
         raise UsageError("--decode gpu needs a CUDA GPU; none is available here")
     if shard[1] > 1 and overwrite:
         raise UsageError("--overwrite cannot be combined with --shard (a shard would delete the others' work)")
@@ -357,10 +357,6 @@ def generate(
         return dataclasses.replace(result, rank=group.rank, warmup=warmup)
     finally:
         group.close()
-
-
-def _cuda_available() -> bool:
-    return torch.cuda.is_available()
 
 
 def _check_writable(out: Path) -> None:

@@ -48,7 +48,7 @@ def build_engine_command(
 ) -> None:
     """Export the teacher's fp32 and FP16 ONNX graphs, and build the FP16 TensorRT engine when
     TensorRT and a CUDA GPU are present. Unchanged inputs reuse the existing files."""
-    from trt_relabel.backends import cuda_available, tensorrt_importable
+    from trt_relabel.backends import tensorrt_missing
     from trt_relabel.export import build_graphs
 
     built = build_graphs(
@@ -62,8 +62,8 @@ def build_engine_command(
     )
     for path in (built.fp32, built.fp16):
         console.print(f"  {path}  ({path.stat().st_size / 2**20:.1f} MiB, {state})")
-    if not (tensorrt_importable() and cuda_available()):
-        missing = "TensorRT (pip install 'trt-relabel[gpu]')" if not tensorrt_importable() else "a CUDA GPU"
+    missing = tensorrt_missing()
+    if missing:
         console.print(f"engine step skipped: it needs TensorRT and a CUDA GPU; {missing} is missing here")
         return
     from trt_relabel.tensorrt_engine import build_engine
