@@ -10,7 +10,9 @@
 3. label_pooling on CUDA against torchvision's CUDA roi_align on the dense map (B=256, k=5, 15x15).
 4. GPU JPEG decode + resize against the CPU path.
 5. `generate` end to end on the GPU (`--backend torch`, CPU and GPU decode) over --images.
-6. A trainer step (relabel vs original labels) — bench/train_step.py on CUDA.
+6. `train` on CUDA: resnet18 on --images in 4 class folders, relabel targets with CutMix and
+   local labels, bf16 AMP, channels_last, 2 epochs then --resume to a 3rd.
+(bench/gpu_check.sh then runs bench/train_step.py on CUDA: relabel vs original step time.)
 """
 
 from __future__ import annotations
@@ -170,6 +172,32 @@ def generate_check(images: Path, engines: Path) -> dict:
     return results
 
 
+def train_check(photos: list[Path], engines: Path) -> dict:
+    from trt_relabel.generate import generate
+    from trt_relabel.trainer import load_config, train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "data"
+        for n, photo in enumerate(photos[:128]):
+            (data / f"class{n % 4}").mkdir(parents=True, exist_ok=True)
+            (data / f"class{n % 4}" / photo.name).symlink_to(photo.resolve())
+        generate(data, Path(tmp) / "store", backend="torch", batch_size=64, engines_dir=engines, progress=False)
+        options = dict(data=data, labels=Path(tmp) / "store", out=Path(tmp) / "run", model="resnet18",
+                       batch_size=32, image_size=128, lr=0.05, warmup_epochs=0.5, cutmix=1.0, local_labels=3,
+                       channels_last=True, val=data, workers=4)  # fmt: skip
+        started = time.perf_counter()
+        first = train(load_config(epochs=2, **options))
+        seconds = time.perf_counter() - started
+        resumed = train(load_config(epochs=3, resume=True, **options))
+        lines = (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()
+    result = {"epochs_run": [first.epochs, resumed.epochs], "metrics_lines": len(lines),
+              "train_loss": [round(m["train_loss"], 4) for m in first.metrics + resumed.metrics],
+              "val_top1": [m["val_top1"] for m in first.metrics + resumed.metrics],
+              "seconds_2_epochs": round(seconds, 1)}  # fmt: skip
+    log("train on CUDA (resnet18 @128, relabel + CutMix + local labels, bf16, resume)", result)
+    return result
+
+
 def _imagenet_truth(store) -> np.ndarray | None:
     synsets_file = Path(timm.__file__).parent / "data" / "_info" / "imagenet_synsets.txt"
     synsets = {s: n for n, s in enumerate(sorted(synsets_file.read_text().split()))}
@@ -207,6 +235,7 @@ def main() -> None:
         sample = np.stack([resize_whole(load_rgb(p), 475, "bicubic") for p in photos[:32]])
         steps.append(("fp16", lambda: fp16_agreement(prepared, sample)))
         steps.append(("generate", lambda: generate_check(args.images, args.engines)))
+        steps.append(("train", lambda: train_check(photos, args.engines)))
     if tensorrt_importable():
         steps.append(("tensorrt", lambda: tensorrt_check(args.engines, args.batch)))
     if not args.skip_l2:

@@ -33,7 +33,8 @@ from trt_relabel.trainer import (
 
 REPO = Path(__file__).resolve().parents[1]
 CLI = Path(sys.executable).parent / "trt-relabel"
-SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+# Subprocesses run on the CPU (2 CPU processes), also on a GPU machine.
+SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
 
 
 @pytest.fixture(scope="module")
