@@ -59,7 +59,7 @@ if TYPE_CHECKING:
     from trt_relabel.backends import Backend
 
 #: Progress and reports go to stderr, as the CLI's.
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)
 
 
 @dataclass(frozen=True)
@@ -321,7 +321,7 @@ def generate(
             raise UsageError("--shard cannot be combined with torchrun (the ranks already split the rows)")
         split = (group.rank, group.world) if group.world > 1 else shard
         show = progress and group.rank == 0
-        log = (lambda text: console.print(text, soft_wrap=True)) if show else (lambda _: None)
+        log = console.print if show else (lambda _: None)
         runtime = group.rank0_first(
             lambda: open_backend(
                 backend,

@@ -19,12 +19,13 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-#: Progress, reports and errors go to stderr; stdout stays free for machine-readable output.
-console = Console(stderr=True)
+#: Progress, reports and errors go to stderr; stdout stays free for machine-readable output. Lines
+#: are never hard-wrapped (soft_wrap), so paths stay whole in logs and pipes.
+console = Console(stderr=True, soft_wrap=True)
 
 
 def print_error(message: str) -> None:
-    console.print(Text.assemble(("error: ", "bold red"), message), soft_wrap=True)
+    console.print(Text.assemble(("error: ", "bold red"), message))
 
 
 def main() -> None:

@@ -77,8 +77,7 @@ def generate_command(
     console.print(
         f"labelled {result.labelled} of {result.rows} images{failed}; this run: {result.processed} images "
         f"in {result.seconds:.1f} s, {result.images_per_second:.1f} img/s with {result.backend}; "
-        f"store {result.store} {state}",
-        soft_wrap=True,
+        f"store {result.store} {state}"
     )
     if result.failed:
         sys.exit(1)
