@@ -161,6 +161,7 @@ def generate_check(images: Path, engines: Path) -> dict:
             r = generate(images, Path(tmp) / decode, backend="torch", batch_size=64, engines_dir=engines,
                          decode=decode, progress=False)  # fmt: skip
             results[f"decode {decode}"] = {"backend": r.backend, "img_per_s": round(r.images_per_second, 1),
+                                           "steady_img_per_s": round(r.steady_images_per_second, 1),
                                            "labelled": r.labelled, "failed": r.failed}  # fmt: skip
         a, b = LabelStore(Path(tmp) / "cpu"), LabelStore(Path(tmp) / "gpu")
         same = (a.indices[:, 0] == b.indices[:, 0]).mean()

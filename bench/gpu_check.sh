@@ -16,4 +16,4 @@ timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_decode.py tes
 echo "== train step, relabel vs original (resnet50, batch 256, bf16)"
 (cd bench && timeout 90 python3 train_step.py --model resnet50 --batch 256 --steps 10 --repeats 2) 2>&1 | tee "$out/train_step.txt" | tail -8
 echo "== whole test suite on the GPU machine"
-timeout "${SUITE_TIMEOUT:-150}" python3 -m pytest -q -x -p no:cacheprovider -n 8 tests 2>&1 | tee "$out/tests.txt" | tail -15
+timeout "${SUITE_TIMEOUT:-240}" python3 -m pytest -q -p no:cacheprovider -n 8 tests 2>&1 | tee "$out/tests.txt" | tail -15
