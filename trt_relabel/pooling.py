@@ -162,7 +162,9 @@ def _axis_weights(spans: Tensor, length: int, bins: int) -> Tensor:
     Positions follow roi_align's arithmetic: start + bin * bin_size + (i + 0.5) * bin_size / grid.
     """
     start, end = spans.unbind(1)
-    bin_size = (end - start).clamp_min_(1.0)[:, None, None] / bins  # [N, 1, 1]
+    # A divisor on the device: CUDA divides by a Python number as a product with its reciprocal,
+    # which rounds bin sizes differently from roi_align (on the CPU and on CUDA).
+    bin_size = (end - start).clamp_min_(1.0)[:, None, None] / spans.new_full((), bins)  # [N, 1, 1]
     grid = bin_size.ceil()  # sampling points per bin
     offsets = torch.arange(0.5, int(grid.max()), dtype=spans.dtype, device=spans.device)  # [G]: i + 0.5
     bin_index = torch.arange(bins, dtype=spans.dtype, device=spans.device)[:, None]
