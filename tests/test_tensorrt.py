@@ -142,6 +142,27 @@ def test_missing_provider_fallback_is_detected_and_named(bundled_graphs):
     assert values.dtype == np.float16 and indices.dtype == np.int32 and values.shape == (2, 5, 15, 15)
 
 
+def test_onnxruntime_gpu_providers_run_on_the_asked_gpu(bundled_graphs, monkeypatch):
+    import onnxruntime
+
+    asked = []
+
+    def recording_session(*args, **kwargs):
+        asked.append(dict(zip(kwargs["providers"], kwargs["provider_options"], strict=True)))
+        return real_session(*args, **kwargs)
+
+    real_session = onnxruntime.InferenceSession
+    monkeypatch.setattr(onnxruntime, "InferenceSession", recording_session)
+    monkeypatch.setattr(backends, "cuda_available", lambda: True)
+    monkeypatch.setattr(backends, "onnxruntime_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    engines = bundled_graphs.fp32.parent
+    backend = backends.open_backend("onnxruntime", engines_dir=engines, device="cuda:1", log=lambda _: None)
+    assert asked == [{"CUDAExecutionProvider": {"device_id": "1"}, "CPUExecutionProvider": {}}]
+    assert backend.fell_back  # no CUDA provider here: the session runs on the CPU
+    backends.open_backend("onnxruntime", engines_dir=engines, log=lambda _: None)
+    assert asked[1]["CUDAExecutionProvider"] == {"device_id": "0"}
+
+
 def test_tensorrt_backend_without_gpu_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setattr(backends, "cuda_available", lambda: False)
     monkeypatch.setattr(backends, "tensorrt_importable", lambda: True)

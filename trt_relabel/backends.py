@@ -64,17 +64,27 @@ class OnnxRuntimeBackend(Backend):
 
     `providers` in preference order; ONNX Runtime silently drops providers whose libraries are
     missing (TensorRT without its libraries falls back to CUDA), so `name` reports the providers
-    the session actually runs with.
+    the session actually runs with. `device_id`: the GPU of the GPU providers.
     """
 
-    def __init__(self, graph: Path, metadata: GraphMetadata, providers: list[str], threads: int | None = None):
+    def __init__(
+        self,
+        graph: Path,
+        metadata: GraphMetadata,
+        providers: list[str],
+        threads: int | None = None,
+        device_id: int = 0,
+    ):
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = threads or os.cpu_count() or 1
+        provider_options = [{"device_id": str(device_id)} if p in GPU_PROVIDERS else {} for p in providers]
         try:
-            self.session = ort.InferenceSession(str(graph), options, providers=providers)
+            self.session = ort.InferenceSession(
+                str(graph), options, providers=providers, provider_options=provider_options
+            )
         except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
             raise BackendError(f"{graph}: ONNX Runtime cannot load the graph: {str(e).splitlines()[0]}") from None
         active = self.session.get_providers()
@@ -147,12 +157,15 @@ def tensorrt_missing() -> str | None:
     return None if cuda_available() else "a CUDA GPU"
 
 
+#: ONNX Runtime's providers that run on a GPU, best first.
+GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+
+
 def ort_providers(precision: str | None) -> tuple[list[str], str]:
     """ONNX Runtime providers to ask for, best first, and the graph precision to feed them."""
     available = onnxruntime_providers()
     if "CUDAExecutionProvider" in available and cuda_available():
-        wanted = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
-        return [p for p in wanted if p in available], precision or "fp16"
+        return [p for p in (*GPU_PROVIDERS, "CPUExecutionProvider") if p in available], precision or "fp16"
     return ["CPUExecutionProvider"], precision or "fp32"
 
 
@@ -174,8 +187,8 @@ def open_backend(
     """Open a backend for a teacher, building its ONNX graphs (and engine) when missing.
 
     kind: "auto" | "onnxruntime" | "torch" | "tensorrt". precision: "fp32" | "fp16" (default fp32
-    on CPU, fp16 on a GPU). device (torch and tensorrt backends): "cpu", "cuda", "cuda:1", ...
-    (default: CUDA when present, GPU 0). max_batch: the largest batch the TensorRT profile
+    on CPU, fp16 on a GPU). device: "cpu", "cuda", "cuda:1", ... (default: CUDA when present,
+    GPU 0); ONNX Runtime's GPU providers take its GPU index. max_batch: the largest batch the TensorRT profile
     accepts. compile (torch backend): `torch.compile` the teacher.
     """
     resolved = choose_backend(kind)
@@ -185,14 +198,16 @@ def open_backend(
     if missing:
         raise BackendError(f"the tensorrt backend needs TensorRT and a CUDA GPU; {missing} is missing here")
     graphs = build_graphs(teacher, checkpoint, size, topk, engines_dir, pretrained=pretrained, log=log)
+    gpu_index = torch.device(device or "cuda").index or 0
     if resolved == "tensorrt":
         from trt_relabel.tensorrt_engine import TensorRTBackend, build_engine
 
         plan = build_engine(graphs.fp16, max_batch=max_batch, rebuild_stale=False, log=log)
-        return TensorRTBackend(plan, max_batch, device=torch.device(device or "cuda").index or 0)
+        return TensorRTBackend(plan, max_batch, device=gpu_index)
     providers, graph_precision = ort_providers(precision)
     graph = graphs.fp16 if graph_precision == "fp16" else graphs.fp32
-    backend = OnnxRuntimeBackend(graph, dataclasses.replace(graphs.metadata, precision=graph_precision), providers)
+    metadata = dataclasses.replace(graphs.metadata, precision=graph_precision)
+    backend = OnnxRuntimeBackend(graph, metadata, providers, device_id=gpu_index)
     if backend.fell_back:
         log(f"ONNX Runtime could not start {providers[0]} (its libraries are missing); running {backend.name}")
     return backend
