@@ -255,6 +255,27 @@ def test_shards_equal_one_run(reference, image_folder, engines, tmp_path):
     assert_same_store(out, reference)
 
 
+def test_retry_failed_labels_the_fixed_inputs(reference, image_folder, engines, tmp_path, monkeypatch, capfd):
+    data = tmp_path / "data"
+    shutil.copytree(image_folder, data)
+    broken = data / "cat" / "chelsea.jpg"
+    photo = broken.read_bytes()
+    broken.write_bytes(b"not a picture")
+    out = tmp_path / "store"
+    first = label(data, out, engines)
+    assert (first.labelled, first.failed, first.complete) == (11, 1, True)
+    still_broken = label(data, out, engines, retry_failed=True)
+    assert (still_broken.processed, still_broken.failed, still_broken.complete) == (1, 1, True)
+    assert [e["path"] for e in LabelStore(out).errors()] == ["cat/chelsea.jpg"]  # listed once
+
+    broken.write_bytes(photo)
+    assert label(data, out, engines).processed == 0  # a plain rerun leaves failed rows alone
+    code, err = run_main(monkeypatch, capfd, cli_args(data, out, engines, "--retry-failed"))
+    assert code == 0 and "labelled 12 of 12 images; this run: 1 images" in err, err
+    assert_same_store(out, reference)
+    assert LabelStore(out).manifest["num_failed"] == 0
+
+
 def test_mismatched_resume_is_refused(reference, image_folder, engines, tmp_path, monkeypatch, capfd):
     out = tmp_path / "store"
     shutil.copytree(reference, out)

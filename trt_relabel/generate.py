@@ -282,6 +282,7 @@ def generate(
     batch_size: int = 64,
     workers: int | None = None,
     overwrite: bool = False,
+    retry_failed: bool = False,
     file_list: str | Path | None = None,
     shard: tuple[int, int] = (0, 1),
     engines_dir: str | Path = "engines",
@@ -294,7 +295,8 @@ def generate(
     (default: one per core but one; 0 decodes in this process). `shard=(i, n)`: label only rows
     with row % n == i. `decode="gpu"`: JPEGs are decoded and resized on the GPU (nvJPEG), other
     files on the CPU; not bit-identical to the CPU path (see :mod:`trt_relabel.gpu_decode`).
-    `compile`: `torch.compile` the teacher of the torch backend.
+    `compile`: `torch.compile` the teacher of the torch backend. `retry_failed`: label again the
+    inputs that earlier runs failed on (those of this shard), e.g. after fixing the files.
     Raises UsageError for bad arguments, RelabelError (StoreError, ...) for
     expected failures; inputs that cannot be decoded are listed in errors.jsonl, not raised.
     """
@@ -345,6 +347,9 @@ def generate(
                 extra_manifest={"source": "generate"},
             )
         )
+        if retry_failed:  # rank 0 reopens the failed rows of every rank before any rank lists its own
+            reopen = split if group.world == 1 else (0, 1)
+            group.rank0_first(lambda: writer.retry_failed(reopen) if group.rank == 0 else 0)
         pending = writer.pending_rows(split)
         share = f" (rank 0's share; {group.world} ranks)" if group.world > 1 else ""
         log(f"labelling {len(pending)} of {len(samples)} images{share} with {runtime.name} into {out}")

@@ -383,6 +383,24 @@ class StoreWriter:
         rows = np.flatnonzero(self.status() == PENDING)
         return rows[rows % count == index]
 
+    def retry_failed(self, shard: tuple[int, int] = (0, 1)) -> int:
+        """Make the failed rows whose row % shard[1] == shard[0] pending again (their errors.jsonl
+        lines go at the next finish, unless they fail again); the store is no longer complete.
+        Returns how many rows."""
+        index, count = shard
+        rows = np.flatnonzero(self.status() == FAILED)
+        rows = rows[rows % count == index]
+        if rows.size:
+            try:
+                self._status[rows] = PENDING
+                self._status.flush()
+                manifest = _read_manifest(self.path)
+                manifest.update(complete=False, finished_at=None)
+                write_atomic(self.path / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+            except OSError as e:
+                raise StoreError(f"{e.filename or self.path}: cannot reopen failed rows: {e.strerror}") from None
+        return int(rows.size)
+
     def write(self, rows: np.ndarray, values: np.ndarray, indices: np.ndarray) -> None:
         """Store the labels of `rows` (int [B]): values any float [B, k, h, w] (cast to float16),
         indices any int [B, k, h, w] (cast to int16); then mark the rows labelled."""

@@ -42,6 +42,9 @@ def generate_command(
     ] = "cpu",
     compile: Annotated[bool, typer.Option("--compile", help="torch backend: torch.compile the teacher.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Delete an existing store and start over.")] = False,
+    retry_failed: Annotated[
+        bool, typer.Option("--retry-failed", help="Label again the inputs earlier runs failed on (once fixed).")
+    ] = False,
 ) -> None:
     """Label every image of DATA with the teacher's top-k label maps into the store --out.
 
@@ -49,7 +52,8 @@ def generate_command(
 
     Under `torchrun --nproc-per-node N` the processes share the rows of one store.
 
-    Exit code 1 when some inputs could not be labelled (listed in STORE/errors.jsonl).
+    Exit code 1 when some inputs could not be labelled (listed in STORE/errors.jsonl); fix them and
+    rerun with --retry-failed to label just those.
     """
     from trt_relabel.generate import generate, parse_shard
 
@@ -64,6 +68,7 @@ def generate_command(
         batch_size=batch_size,
         workers=workers,
         overwrite=overwrite,
+        retry_failed=retry_failed,
         file_list=file_list,
         shard=parse_shard(shard),
         engines_dir=engines_dir,
