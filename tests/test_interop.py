@@ -167,6 +167,17 @@ def test_bad_files_are_listed_and_the_rest_imported(tmp_path):
         if is_good:
             np.testing.assert_array_equal(store[row][0], maps[sample.path][0].half().numpy())
 
+    # The missing map turns up: --retry-failed reads the failed rows again, and only those.
+    row, fixed = next((r, s.path) for r, s in enumerate(store.samples) if s.path.startswith("n01440764/img5."))
+    torch.save(maps[fixed], relabel_root / "n01440764" / "img5.pt")
+    args = ("import-relabel", relabel_root, "--data", tmp_path / "data", "--out", out, "-j", "1", "--retry-failed")
+    result = run_cli(*args)
+    assert result.returncode == 1 and f"{len(bad) - 1} inputs failed" in result.stderr, result.stderr
+    assert "1 maps imported now" in result.stderr
+    store = LabelStore(out)
+    assert store.labelled()[row] and len(store.errors()) == len(bad) - 1 and store.complete
+    np.testing.assert_array_equal(store[row][0], maps[fixed][0].half().numpy())
+
 
 def test_images_sharing_a_map_file_are_failed_on_import_and_refused_on_export(tmp_path):
     samples = make_image_folder(tmp_path / "data", 2)

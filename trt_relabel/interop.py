@@ -184,6 +184,7 @@ def import_relabel(
     out: str | Path,
     *,
     overwrite: bool = False,
+    retry_failed: bool = False,
     workers: int = 1,
     chunk_rows: int = 2048,
     progress: ProgressCallback | None = None,
@@ -193,8 +194,9 @@ def import_relabel(
 
     The map of ``data_dir/<wnid>/<stem>.<ext>`` is ``relabel_root/<wnid>/<stem>.pt`` (see
     :func:`read_relabel_map`); a missing or bad one marks its row failed with the reason in
-    errors.jsonl. Resumable: an existing store is reopened and only its pending rows are read.
-    `workers` > 1 reads the files in that many processes. Logits are stored as float16.
+    errors.jsonl. Resumable: an existing store is reopened and only its pending rows are read
+    (and its failed ones, with `retry_failed`). `workers` > 1 reads the files in that many
+    processes. Logits are stored as float16.
     """
     relabel_root, data_dir = Path(relabel_root), Path(data_dir)
     for folder in (relabel_root, data_dir):
@@ -202,6 +204,8 @@ def import_relabel(
             raise UsageError(f"{folder}: not a directory")
     samples = list_images(data_dir)
     writer = create_store(out, RELABEL_SPEC, samples, overwrite=overwrite, extra_manifest={"source": "import-relabel"})
+    if retry_failed:
+        writer.retry_failed()
     pending = writer.pending_rows()
     already_done = len(samples) - len(pending)
     pending = _fail_shared_map_files(writer, samples, pending)

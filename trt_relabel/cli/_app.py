@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -22,6 +23,11 @@ app = typer.Typer(
 #: Progress, reports and errors go to stderr; stdout stays free for machine-readable output. Lines
 #: are never hard-wrapped (soft_wrap), so paths stay whole in logs and pipes.
 console = Console(stderr=True, soft_wrap=True)
+
+
+RetryFailedOpt = Annotated[
+    bool, typer.Option("--retry-failed", help="Label again the inputs earlier runs failed on (once fixed).")
+]
 
 
 def print_error(message: str) -> None:

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from trt_relabel.cli._app import app, console
+from trt_relabel.cli._app import RetryFailedOpt, app, console
 from trt_relabel.cli.engine import CheckpointOpt, SizeOpt, TeacherOpt, TopkOpt
 
 
@@ -42,9 +42,7 @@ def generate_command(
     ] = "cpu",
     compile: Annotated[bool, typer.Option("--compile", help="torch backend: torch.compile the teacher.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Delete an existing store and start over.")] = False,
-    retry_failed: Annotated[
-        bool, typer.Option("--retry-failed", help="Label again the inputs earlier runs failed on (once fixed).")
-    ] = False,
+    retry_failed: RetryFailedOpt = False,
 ) -> None:
     """Label every image of DATA with the teacher's top-k label maps into the store --out.
 

@@ -13,7 +13,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from trt_relabel.cli._app import app, console
+from trt_relabel.cli._app import RetryFailedOpt, app, console
 from trt_relabel.errors import UsageError
 from trt_relabel.progress import progress_bar
 
@@ -62,6 +62,7 @@ def import_relabel_command(
     data: Annotated[Path, typer.Option("--data", help="ImageFolder of the training images (row order).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Label store to write (resumed if it exists).")],
     overwrite: OverwriteOpt = False,
+    retry_failed: RetryFailedOpt = False,
     workers: WorkersOpt = DEFAULT_WORKERS,
 ) -> None:
     """Import the official ReLabel maps (EfficientNet-L2, top-5 of 15x15 cells, [2, 5, 15, 15] .pt
@@ -69,12 +70,14 @@ def import_relabel_command(
 
     Files are read with torch.load(weights_only=True); missing or bad ones are listed in the
     store's errors.jsonl. The store keeps float16: float32 logits are rounded. Exit code 1 when
-    some failed.
+    some failed; fix them and rerun with --retry-failed to read just those.
     """
     from trt_relabel.interop import import_relabel
 
     with _progress("importing") as progress:
-        summary = import_relabel(relabel_root, data, out, overwrite=overwrite, workers=workers, progress=progress)
+        summary = import_relabel(
+            relabel_root, data, out, overwrite=overwrite, retry_failed=retry_failed, workers=workers, progress=progress
+        )
     console.print(
         f"{summary.store}: {summary.imported} maps imported now, {summary.already_done} before, "
         f"{summary.failed} failed of {summary.num_samples}"
