@@ -188,8 +188,8 @@ def open_backend(
 
     kind: "auto" | "onnxruntime" | "torch" | "tensorrt". precision: "fp32" | "fp16" (default fp32
     on CPU, fp16 on a GPU). device: "cpu", "cuda", "cuda:1", ... (default: CUDA when present,
-    GPU 0); ONNX Runtime's GPU providers take its GPU index. max_batch: the largest batch the TensorRT profile
-    accepts. compile (torch backend): `torch.compile` the teacher.
+    GPU 0); ONNX Runtime's GPU providers take its GPU index. max_batch: the largest batch the
+    TensorRT profile accepts. compile (torch backend): `torch.compile` the teacher.
     """
     resolved = choose_backend(kind)
     if resolved == "torch":
