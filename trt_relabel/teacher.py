@@ -282,7 +282,7 @@ def to_fully_convolutional(model: nn.Module, input_size: int, probe_seed: int = 
                 f"{arch}: features have shape {tuple(features.shape)}, not [B, {classifier.in_features}, h, w]; "
                 "token or channels-last outputs cannot be made fully convolutional"
             )
-        logits = model(probe)
+        logits = model.forward_head(features)  # timm's forward, without a second backbone pass
         fcn = FullyConvolutional(model, classifier, (int(features.shape[2]), int(features.shape[3]))).eval()
         pooled = fcn.head(features).mean(dim=(2, 3))
     error = ((pooled - logits).norm() / logits.norm().clamp_min(1e-12)).item()
