@@ -43,7 +43,7 @@ def main(root: Path) -> None:
     fill(root / "filler")
     writer.write(np.arange(4), *random_labels(4, seed=0))  # its rows were reserved: still fine
     try:
-        writer.mark_failed(4, "img0004.jpg", "empty file (0 bytes)")
+        writer.mark_failed(4, "empty file (0 bytes)")
         raise SystemExit("recorded a failure on a full disk")
     except StoreError as e:
         print(f"full: {e}")
@@ -52,7 +52,7 @@ def main(root: Path) -> None:
     (root / "filler").unlink()
     resumed = create_store(root / "small", SPEC, samples(10))
     assert resumed.pending_rows().tolist() == list(range(4, 10))
-    resumed.mark_failed(4, "img0004.jpg", "empty file (0 bytes)")
+    resumed.mark_failed(4, "empty file (0 bytes)")
     resumed.write(np.arange(5, 10), *random_labels(5, seed=1))
     assert resumed.finish()
     store = LabelStore(root / "small")

@@ -52,7 +52,7 @@ def build_store(folder: Path, path: Path, failed: tuple[int, ...] = ()) -> Path:
     maps = [label_maps(samples[i].class_index) for i in rows]
     writer.write(np.array(rows), np.stack([m[0] for m in maps]), np.stack([m[1] for m in maps]))
     for row in failed:
-        writer.mark_failed(row, samples[row].path, "not an image Pillow can identify")
+        writer.mark_failed(row, "not an image Pillow can identify")
     writer.finish()
     return path
 

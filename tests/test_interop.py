@@ -205,7 +205,7 @@ def test_images_sharing_a_map_file_are_failed_on_import_and_refused_on_export(tm
     twin_row = [s.path for s in store.samples].index(twin)
     others = np.array([row for row in range(len(store)) if row != twin_row])
     one_labelled.write(others, *(np.zeros((len(others), 5, 15, 15), dtype) for dtype in ("f2", "i2")))
-    one_labelled.mark_failed(twin_row, twin, "not labelled")
+    one_labelled.mark_failed(twin_row, "not labelled")
     one_labelled.finish()
     assert run_cli("export-relabel", tmp_path / "one", "--out", tmp_path / "one-out").returncode == 0
     assert (tmp_path / "one-out" / Path(first).with_suffix(".pt")).is_file()
@@ -239,7 +239,7 @@ def make_store(path: Path, spec: StoreSpec, samples, values, indices, failed_row
     good = np.array([r for r in range(len(samples)) if r not in failed_rows])
     writer.write(good, np.asarray(values)[good], np.asarray(indices)[good])
     for row in failed_rows:
-        writer.mark_failed(row, samples[row].path, "test failure")
+        writer.mark_failed(row, "test failure")
     writer.finish()
     return LabelStore(path)
 

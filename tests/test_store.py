@@ -43,7 +43,7 @@ def test_create_write_read_round_trip(tmp_path):
     assert writer.pending_rows().tolist() == list(range(10))
     values, indices = random_labels(4, seed=0)
     writer.write(np.array([7, 2, 9, 0]), values, indices)
-    writer.mark_failed(5, SAMPLES[5].path, "corrupt or truncated image: broken data stream")
+    writer.mark_failed(5, "corrupt or truncated image: broken data stream")
     assert writer.pending_rows().tolist() == [1, 3, 4, 6, 8]
     assert writer.pending_rows((1, 2)).tolist() == [1, 3]
     assert writer.finish() is False
@@ -75,8 +75,8 @@ def test_finish_completes_once_nothing_is_pending(tmp_path):
     writer = create_store(out, SPEC, SAMPLES)
     values, indices = random_labels(8, seed=1)
     writer.write(np.array([0, 1, 2, 3, 4, 6, 7, 9]), values, indices)
-    writer.mark_failed(8, SAMPLES[8].path, "empty file (0 bytes)")
-    writer.mark_failed(5, SAMPLES[5].path, "not an image Pillow can identify")
+    writer.mark_failed(8, "empty file (0 bytes)")
+    writer.mark_failed(5, "not an image Pillow can identify")
     assert writer.finish() is True
     store = LabelStore(out)
     assert store.complete and store.manifest["num_failed"] == 2
@@ -100,7 +100,7 @@ def test_crash_leftovers_give_no_duplicate_error_lines(tmp_path):
         f.write(json.dumps({"path": SAMPLES[1].path, "reason": "old reason"}) + "\n")
     resumed = create_store(out, SPEC, SAMPLES[:3])
     assert resumed.pending_rows().tolist() == [0, 1, 2]
-    resumed.mark_failed(1, SAMPLES[1].path, "new reason")
+    resumed.mark_failed(1, "new reason")
     resumed.write(np.array([0, 2]), *random_labels(2, seed=2))
     assert len(LabelStore(out).errors()) == 2
     assert writer.finish() is True

@@ -66,7 +66,7 @@ def labelled(image_folder, tmp_path_factory) -> tuple[Path, Path]:
     writer = create_store(store, StoreSpec("hand", "hand-1", "", 224, MAP_SIZE, TOPK), samples)
     good = np.array([r for r in range(len(samples)) if r != FAILED_ROW])
     writer.write(good, values[good], indices[good])
-    writer.mark_failed(FAILED_ROW, samples[FAILED_ROW].path, "test failure")
+    writer.mark_failed(FAILED_ROW, "test failure")
     writer.finish()
     return image_folder, store
 

@@ -29,7 +29,7 @@ from torchvision import transforms
 from torchvision.transforms import functional as TF
 
 from trt_relabel.errors import RelabelError
-from trt_relabel.images import ImageEntry, ImageLoadError, list_images, load_rgb
+from trt_relabel.images import ImageEntry, ImageLoadError, first_difference, list_images, load_rgb
 from trt_relabel.store import LabelStore
 
 
@@ -291,9 +291,9 @@ def aligned_store(entries: Sequence[ImageEntry], store: LabelStore, root: str | 
     relative paths in the same order), naming the first differing path."""
     stored = [s.path for s in store.samples]
     found = [e.path for e in entries]
-    if stored == found:
+    row = first_difference(stored, found)
+    if row is None:
         return
-    row = next((i for i, (a, b) in enumerate(zip(stored, found, strict=False)) if a != b), min(len(stored), len(found)))
     in_store = stored[row] if row < len(stored) else "(no more rows)"
     in_data = found[row] if row < len(found) else "(no more images)"
     raise RelabelError(

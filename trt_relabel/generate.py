@@ -44,9 +44,9 @@ from trt_relabel.images import (
 from trt_relabel.progress import progress_bar
 from trt_relabel.store import (
     ERRORS,
+    FAILED,
     LABELLED,
     MANIFEST,
-    PENDING,
     STORE_FILES,
     StoreError,
     StoreSpec,
@@ -408,13 +408,12 @@ def _result(
     writer: StoreWriter, backend: str, scope: tuple[int, int], processed: int, seconds: float, complete: bool
 ) -> GenerateResult:
     status = writer.status()[scope[0] :: scope[1]]
-    labelled = int((status == LABELLED).sum())
     return GenerateResult(
         store=writer.path,
         backend=backend,
         rows=len(status),
-        labelled=labelled,
-        failed=len(status) - labelled - int((status == PENDING).sum()),
+        labelled=int((status == LABELLED).sum()),
+        failed=int((status == FAILED).sum()),
         processed=processed,
         seconds=seconds,
         complete=complete,
@@ -458,7 +457,7 @@ def _label_rows(
         def batches():
             for batch in loader:
                 for row, reason in batch.failures:
-                    writer.mark_failed(row, samples[row].path, reason)
+                    writer.mark_failed(row, reason)
                 advance(len(batch.failures))
                 labelled, pixels = _on_gpu(batch, data, samples, meta, writer, advance) if batch.jpegs else batch[:2]
                 if len(labelled):
@@ -488,7 +487,7 @@ def _on_gpu(batch: DecodedBatch, data: Path, samples: list[ImageEntry], meta, wr
         row = batch.jpeg_rows[n]
         decoded, reason = decode_cpu(data / samples[row].path, meta.input_size, meta.interpolation)
         if decoded is None:
-            writer.mark_failed(row, samples[row].path, reason)
+            writer.mark_failed(row, reason)
             advance(1)
         else:
             cpu_rows.append(row)

@@ -8,6 +8,7 @@ and the official ReLabel maps): pixel rows are used as stored.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,6 +63,14 @@ def list_images(root: str | Path) -> list[ImageEntry]:
         return [ImageEntry(f, -1) for f in files]
     class_index = {name: i for i, name in enumerate(classes)}
     return [ImageEntry(f, class_index[f.split("/", 1)[0]]) for f in files]
+
+
+def first_difference(a: Sequence, b: Sequence) -> int | None:
+    """The first position where the lists `a` and `b` differ (the shorter one's length when it
+    is a prefix of the other); None when they are equal."""
+    if a == b:
+        return None
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
 
 
 def read_file_list(list_file: str | Path) -> list[ImageEntry]:

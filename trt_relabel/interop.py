@@ -26,8 +26,8 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from trt_relabel.errors import UsageError
-from trt_relabel.images import ImageEntry, list_images
-from trt_relabel.store import ERRORS, LABELLED, LabelStore, StoreError, StoreSpec, StoreWriter, create_store
+from trt_relabel.images import ImageEntry, first_difference, list_images
+from trt_relabel.store import ERRORS, FAILED, LabelStore, StoreError, StoreSpec, StoreWriter, create_store
 
 #: What labelled the official maps: EfficientNet-L2 at 475 px, top-5 of 15 x 15 cells.
 RELABEL_SPEC = StoreSpec(
@@ -97,7 +97,7 @@ def _fail_shared_map_files(writer: StoreWriter, samples: list[ImageEntry], pendi
             if is_pending[row]:
                 other = samples[next(r for r in group if r != row)].path
                 reason = f"its official map file is also {other}'s (same folder and stem)"
-                writer.mark_failed(row, samples[row].path, reason)
+                writer.mark_failed(row, reason)
                 is_pending[row] = False
     return np.flatnonzero(is_pending)
 
@@ -214,7 +214,7 @@ def import_relabel(
     try:
         for rows in _chunks(pending, chunk_rows, progress):
             paths = [relabel_map_path(relabel_root, samples[row].path) for row in rows]
-            imported += _write_chunk(writer, samples, rows, _parallel_map(_read_map_or_reason, paths, pool))
+            imported += _write_chunk(writer, rows, _parallel_map(_read_map_or_reason, paths, pool))
     finally:
         if pool:
             pool.shutdown(cancel_futures=True)
@@ -230,17 +230,17 @@ def import_relabel(
 
 
 def _num_failed(writer: StoreWriter) -> int:
-    """Rows of the store not labelled."""
-    return writer.num_samples - int((writer.status() == LABELLED).sum())
+    """Rows of the store marked failed."""
+    return int((writer.status() == FAILED).sum())
 
 
-def _write_chunk(writer: StoreWriter, samples: list[ImageEntry], rows: np.ndarray, results: list) -> int:
+def _write_chunk(writer: StoreWriter, rows: np.ndarray, results: list) -> int:
     """Write the maps read for `rows`; mark the rows whose result is a reason failed. Returns the
     number of rows written."""
     good = [i for i, result in enumerate(results) if not isinstance(result, str)]
     for i, result in enumerate(results):
         if isinstance(result, str):
-            writer.mark_failed(int(rows[i]), samples[rows[i]].path, result)
+            writer.mark_failed(int(rows[i]), result)
     if good:
         writer.write(
             rows[good],
@@ -338,8 +338,8 @@ def _check_aligned(stores: list[LabelStore]) -> None:
         ):
             if theirs != ours:
                 raise StoreError(f"{store.path}: {what} {theirs} differs from {first.path} ({ours})")
-        if store.samples != first.samples:
-            row = next(i for i, (a, b) in enumerate(zip(store.samples, first.samples, strict=True)) if a != b)
+        row = first_difference(store.samples, first.samples)
+        if row is not None:
             raise StoreError(
                 f"{store.path}: sample {row} is {store.samples[row].path!r} class "
                 f"{store.samples[row].class_index}, in {first.path} {first.samples[row].path!r} class "
@@ -430,7 +430,7 @@ def merge_stores(
     for rows in _chunks(pending, chunk_rows, progress):
         for row in rows[~labelled[rows]]:
             failed_in = next(s.path for s, ok in zip(stores, labelled_in, strict=True) if not ok[row])
-            writer.mark_failed(int(row), samples[row].path, f"failed in the input store {failed_in}")
+            writer.mark_failed(int(row), f"failed in the input store {failed_in}")
         good = rows[labelled[rows]]
         if len(good):
             gathered = [s.gather(good) for s in stores]

@@ -33,7 +33,7 @@ from numpy.lib.format import open_memmap
 from trt_relabel import __version__
 from trt_relabel.errors import RelabelError
 from trt_relabel.fileio import umask, write_atomic
-from trt_relabel.images import ImageEntry
+from trt_relabel.images import ImageEntry, first_difference
 
 FORMAT = "trt-relabel-store/1"
 
@@ -145,6 +145,10 @@ def _load_array(path: Path, mode: str, dtype: type, shape: tuple[int, ...]) -> n
     return array
 
 
+def _write_manifest(path: Path, manifest: dict) -> None:
+    write_atomic(path / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+
+
 def _read_manifest(path: Path) -> dict:
     file = path / MANIFEST
     try:
@@ -221,19 +225,24 @@ class LabelStore:
 
     def errors(self) -> list[dict]:
         """The parsed lines of errors.jsonl ({"path": ..., "reason": ...}); [] when there is none."""
-        try:
-            lines = (self.path / ERRORS).read_text().splitlines()
-        except FileNotFoundError:
-            return []
-        return [json.loads(line) for line in lines if line.strip()]
+        return _read_errors(self.path)
+
+
+def _read_errors(path: Path) -> list[dict]:
+    """The parsed lines of the store's errors.jsonl; [] when there is none."""
+    try:
+        lines = (path / ERRORS).read_text().splitlines()
+    except FileNotFoundError:
+        return []
+    return [json.loads(line) for line in lines if line.strip()]
 
 
 def _samples_mismatch(stored: list[ImageEntry], samples: list[ImageEntry]) -> str | None:
-    if stored == samples:
+    row = first_difference(stored, samples)
+    if row is None:
         return None
     if len(stored) != len(samples):
         return f"{len(stored)} inputs (this run: {len(samples)})"
-    row = next(i for i, (a, b) in enumerate(zip(stored, samples, strict=True)) if a != b)
     return f"row {row} is {stored[row]} (this run: {samples[row]})"
 
 
@@ -300,7 +309,7 @@ def _build(path: Path, spec: StoreSpec, samples: list[ImageEntry], extra: dict |
         _preallocate(tmp / STATUS, np.uint8, (len(samples),))
         _write_samples(tmp / SAMPLES, samples)
         (tmp / ERRORS).touch()
-        (tmp / MANIFEST).write_text(json.dumps(_new_manifest(spec, len(samples), extra), indent=2) + "\n")
+        _write_manifest(tmp, _new_manifest(spec, len(samples), extra))
         tmp.chmod(0o777 & ~umask())
         try:
             os.rename(tmp, path)  # replaces `path` only when it is an empty directory
@@ -379,24 +388,25 @@ class StoreWriter:
 
     def pending_rows(self, shard: tuple[int, int] = (0, 1)) -> np.ndarray:
         """int64 [M], ascending: the rows still pending whose row % shard[1] == shard[0]."""
+        return self._rows(PENDING, shard)
+
+    def _rows(self, status: int, shard: tuple[int, int]) -> np.ndarray:
         index, count = shard
-        rows = np.flatnonzero(self.status() == PENDING)
+        rows = np.flatnonzero(self.status() == status)
         return rows[rows % count == index]
 
     def retry_failed(self, shard: tuple[int, int] = (0, 1)) -> int:
         """Make the failed rows whose row % shard[1] == shard[0] pending again (their errors.jsonl
         lines go at the next finish, unless they fail again); the store is no longer complete.
         Returns how many rows."""
-        index, count = shard
-        rows = np.flatnonzero(self.status() == FAILED)
-        rows = rows[rows % count == index]
+        rows = self._rows(FAILED, shard)
         if rows.size:
             try:
                 self._status[rows] = PENDING
                 self._status.flush()
                 manifest = _read_manifest(self.path)
                 manifest.update(complete=False, finished_at=None)
-                write_atomic(self.path / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+                _write_manifest(self.path, manifest)
             except OSError as e:
                 raise StoreError(f"{e.filename or self.path}: cannot reopen failed rows: {e.strerror}") from None
         return int(rows.size)
@@ -415,9 +425,10 @@ class StoreWriter:
         self._indices[rows] = indices.astype(np.int16, copy=False)
         self._status[rows] = LABELLED
 
-    def mark_failed(self, row: int, path: str, reason: str) -> None:
-        """Mark `row` failed: one line {"path", "reason"} appended to errors.jsonl, then status 2."""
-        line = json.dumps({"path": path, "reason": reason}) + "\n"
+    def mark_failed(self, row: int, reason: str) -> None:
+        """Mark `row` failed: one line {"path", "reason"} (the row's sample path) appended to
+        errors.jsonl, then status 2."""
+        line = json.dumps({"path": self._samples[row].path, "reason": reason}) + "\n"
         errors = self.path / ERRORS
         try:
             fd = os.open(errors, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
@@ -445,18 +456,14 @@ class StoreWriter:
             failed = np.flatnonzero(status == FAILED)
             self._rewrite_errors(failed)
             manifest.update(num_failed=int(failed.size), complete=True, finished_at=_now())
-            write_atomic(self.path / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+            _write_manifest(self.path, manifest)
             return True
         except OSError as e:
             raise StoreError(f"{e.filename or self.path}: cannot finish the store: {e.strerror}") from None
 
     def _rewrite_errors(self, failed_rows: np.ndarray) -> None:
         """errors.jsonl without the duplicates a crash between a line and its status can leave."""
-        reasons = {}
-        for line in (self.path / ERRORS).read_text().splitlines():
-            if line.strip():
-                entry = json.loads(line)
-                reasons[entry["path"]] = entry["reason"]
+        reasons = {entry["path"]: entry["reason"] for entry in _read_errors(self.path)}
         lines = []
         for row in failed_rows:
             path = self._samples[row].path
