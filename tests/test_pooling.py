@@ -145,6 +145,23 @@ def test_index_dtypes_agree_with_int16(index_dtype):
     assert torch.equal(label_pooling(values, indices.to(index_dtype), boxes, 200, output_size=3), expected)
 
 
+@pytest.mark.parametrize("box_order", ["xyxy", "reference"])
+def test_strided_inputs_agree_with_contiguous_ones(box_order):
+    values, indices = random_top_k(4, 5, 15, 15, 200, seed=6)
+    boxes = random_boxes(4, seed=6)
+    expected = label_pooling(values, indices, boxes, 200, output_size=2, box_order=box_order)
+    column_major_boxes = boxes.t().contiguous().t()
+    pooled = label_pooling(
+        values.transpose(2, 3).contiguous().transpose(2, 3),  # a cell's row is not contiguous
+        indices.contiguous(memory_format=torch.channels_last),
+        column_major_boxes,
+        200,
+        output_size=2,
+        box_order=box_order,
+    )
+    assert torch.equal(pooled, expected)
+
+
 def test_gradient_flows_to_values_as_through_roi_align():
     values, indices = random_top_k(4, 5, 7, 9, 50, seed=5)
     boxes = random_boxes(4, seed=5)

@@ -63,23 +63,16 @@ def label_pooling(
     """
     out_h, out_w = _check_inputs(values, indices, boxes, num_classes, output_size, box_order)
     dtype = torch.float64 if values.dtype == torch.float64 else torch.float32
-    batch, _, height, width = values.shape
-
-    spans = _axis_spans(boxes.detach().to(values.device, dtype), height, width, box_order)
-    if (height, out_h) == (width, out_w):  # both axes at once
-        weight_x, weight_y = _axis_weights(spans.reshape(-1, 2), width, out_w).view(2, batch, out_w, width)
-    else:
-        weight_y = _axis_weights(spans[1], height, out_h)  # [B, sh, h]
-        weight_x = _axis_weights(spans[0], width, out_w)  # [B, sw, w]
+    batch, ranks, height, width = values.shape
     bins, cells = out_h * out_w, height * width
     # [B, sh * sw, h * w]: the weight of every cell in every output bin.
-    cell_weights = (weight_y[:, :, None, :, None] * weight_x[:, None, :, None, :]).view(batch, bins, cells)
+    cell_weights = _cell_weights(boxes.detach().to(values.device, dtype), height, width, out_h, out_w, box_order)
 
     # Every top-k score times its cell's weight in every bin, added into its class: one rank at a
     # time, which keeps the temporaries small ([B, sh * sw, h * w]).
     pooled = values.new_zeros(batch, bins, num_classes, dtype=dtype)
-    rank_values = values.to(dtype).reshape(batch, -1, 1, cells).unbind(1)
-    rank_indices = indices.to(torch.int64).reshape(batch, -1, 1, cells).unbind(1)
+    rank_values = values.to(dtype).reshape(batch, ranks, 1, cells).unbind(1)
+    rank_indices = indices.to(torch.int64).reshape(batch, ranks, 1, cells).unbind(1)
     for scores, classes in zip(rank_values, rank_indices, strict=True):
         pooled.scatter_add_(2, classes.expand(batch, bins, cells), scores * cell_weights)
     if output_size == 1:
@@ -141,19 +134,28 @@ def _check_inputs(
     return size
 
 
-def _axis_spans(boxes: Tensor, height: int, width: int, box_order: str) -> Tensor:
-    """[B, 4] normalised boxes -> [2, B, 2]: for x, then y, the (start, end) of each RoI in the cell
-    frame (cell j spans [j - 0.5, j + 0.5]), per ``box_order``."""
+def _cell_weights(boxes: Tensor, height: int, width: int, out_h: int, out_w: int, box_order: str) -> Tensor:
+    """[B, 4] normalised boxes -> [B, sh * sw, h * w]: the weight of every map cell in every output
+    bin, the product of a row's and a column's weight (RoI frame per ``box_order``)."""
     if box_order == "xyxy":
-        cell_boxes = boxes * boxes.new_tensor([width, height, width, height]) - 0.5
+        scale = width if width == height else boxes.new_tensor([width, height, width, height])
+        cell_boxes = boxes * scale - 0.5
     else:
-        cell_boxes = boxes.reshape(-1, 2, 2).flip(2) * width - 0.5
-    return cell_boxes.view(-1, 2, 2).permute(2, 0, 1)
+        cell_boxes = boxes.reshape(-1, 2, 2).flip(2).view(-1, 4) * width - 0.5
+    batch = len(cell_boxes)
+    start, end = cell_boxes.view(batch, 2, 2).unbind(1)  # [B, 2] each: x, then y
+    if (height, out_h) == (width, out_w):  # both axes at once
+        weight_x, weight_y = _axis_weights(start, end, width, out_w).unbind(1)
+    else:
+        weight_x = _axis_weights(start[:, 0], end[:, 0], width, out_w)  # [B, sw, w]
+        weight_y = _axis_weights(start[:, 1], end[:, 1], height, out_h)  # [B, sh, h]
+    cell_weights = weight_y[:, :, None, :, None] * weight_x[:, None, :, None, :]  # [B, sh, sw, h, w]
+    return cell_weights.reshape(batch, out_h * out_w, height * width)
 
 
-def _axis_weights(spans: Tensor, length: int, bins: int) -> Tensor:
-    """RoI spans [N, 2] (start, end) along one axis -> [N, bins, length]: the weight of each cell in
-    each bin, as roi_align (aligned=False, sampling_ratio=-1) gives it.
+def _axis_weights(start: Tensor, end: Tensor, length: int, bins: int) -> Tensor:
+    """RoI starts and ends [*] along one axis (cell j spans [j - 0.5, j + 0.5]) -> [*, bins, length]:
+    the weight of each cell in each bin, as roi_align (aligned=False, sampling_ratio=-1) gives it.
 
     roi_align is separable: the RoI length is clamped to >= 1 and cut into `bins` bins of
     ceil(length / bins) sampling points each (the count of a 2-D bin is the product of the two
@@ -161,20 +163,21 @@ def _axis_weights(spans: Tensor, length: int, bins: int) -> Tensor:
     the last cell centre takes that cell alone, any other splits linearly between its two cells.
     Positions follow roi_align's arithmetic: start + bin * bin_size + (i + 0.5) * bin_size / grid.
     """
-    start, end = spans.unbind(1)
-    # A divisor on the device: CUDA divides by a Python number as a product with its reciprocal,
-    # which rounds bin sizes differently from roi_align (on the CPU and on CUDA).
-    bin_size = (end - start).clamp_min_(1.0)[:, None, None] / spans.new_full((), bins)  # [N, 1, 1]
+    start, end = start[..., None, None], end[..., None, None]  # [*, 1, 1]
+    bin_size = (end - start).clamp_min_(1.0)
+    if bins > 1:  # (one bin is the whole RoI)
+        # A divisor on the device: CUDA divides by a Python number as a product with its
+        # reciprocal, which rounds bin sizes differently from roi_align (on the CPU and on CUDA).
+        bin_size = bin_size / start.new_full((), bins)
+        start = start + torch.arange(bins, dtype=start.dtype, device=start.device)[:, None] * bin_size
     grid = bin_size.ceil()  # sampling points per bin
-    offsets = torch.arange(0.5, int(grid.max()), dtype=spans.dtype, device=spans.device)  # [G]: i + 0.5
-    bin_index = torch.arange(bins, dtype=spans.dtype, device=spans.device)[:, None]
-    x = (start[:, None, None] + bin_index * bin_size) + offsets * bin_size / grid  # [N, bins, G]
+    offsets = torch.arange(0.5, int(grid.max()), dtype=start.dtype, device=start.device)  # [G]: i + 0.5
+    x = start + offsets * bin_size / grid  # [*, bins, G]
     share = ((offsets < grid) & (x.clamp(-1.0, length) == x)) / grid  # a counted point's share of its bin
-    x = x.clamp_(0.0, length - 1)  # past the last centre: that cell alone (x - low = 0 there)
-    low = x.floor()
-    high_share = (x - low).mul_(share)
-    low_cell = low.long()
-    weights = spans.new_zeros(len(spans), bins, length + 1)  # the extra column takes only zeros
-    weights.scatter_add_(2, low_cell, share - high_share)
-    weights.scatter_add_(2, low_cell + 1, high_share)
+    x = x.clamp_(0.0, length - 1)  # past the last centre: that cell alone (its fraction is 0 there)
+    low_cell = x.long()  # the floor, as x >= 0
+    high_share = x.frac_().mul_(share)
+    weights = start.new_zeros(*share.shape[:-1], length + 1)  # the extra column takes only zeros
+    weights.scatter_add_(-1, low_cell, share - high_share)
+    weights.scatter_add_(-1, low_cell + 1, high_share)
     return weights[..., :length]
