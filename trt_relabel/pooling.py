@@ -138,8 +138,7 @@ def _cell_weights(boxes: Tensor, height: int, width: int, out_h: int, out_w: int
     """[B, 4] normalised boxes -> [B, sh * sw, h * w]: the weight of every map cell in every output
     bin, the product of a row's and a column's weight (RoI frame per ``box_order``)."""
     if box_order == "xyxy":
-        scale = width if width == height else boxes.new_tensor([width, height, width, height])
-        cell_boxes = boxes * scale - 0.5
+        cell_boxes = boxes * boxes.new_tensor([width, height, width, height]) - 0.5
     else:
         cell_boxes = boxes.reshape(-1, 2, 2).flip(2).view(-1, 4) * width - 0.5
     batch = len(cell_boxes)
