@@ -19,15 +19,13 @@ from test_data import build_store
 from trt_relabel.data import TrainBatch
 from trt_relabel.errors import RelabelError, UsageError
 from trt_relabel.pooling import label_pooling
+from trt_relabel.targets import CutMix, cutmix_relabel_targets, local_targets
 from trt_relabel.trainer import (
-    CutMix,
     Student,
     TrainConfig,
     batch_targets,
     create_student,
-    cutmix_relabel_targets,
     load_config,
-    local_targets,
     train,
 )
 

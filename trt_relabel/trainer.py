@@ -6,29 +6,7 @@ Targets per label mode (soft-target cross-entropy ``-(target * log_softmax(logit
 - ``original``: one-hot of the folder class; ``smooth``: the one-hot with label smoothing;
 - ``relabel+original``: the average of the relabel and the one-hot targets.
 
-CutMix with localized labels. Image A (crop box ``box_A``) receives the rectangle R of image B =
-A's batch neighbour under a random permutation (R in output pixels of the S x S crops, as CutMix
-draws it); ``lam`` = 1 - area(R) / S^2 is the fraction of A that stays visible. The target is
-
-    lam * softmax(mean of A's map over A's visible region) + (1 - lam) * softmax(pool(B's map, R_B))
-
-where R_B is R mapped into B's image frame through B's crop box (and mirrored when B was flipped),
-so B contributes the labels of the pixels it really shows. A's visible region (its crop minus R)
-is not a box: it is cut into the (at most 4) boxes above, below, left and right of R, each pooled
-with LabelPooling and averaged with its area as weight, which is the mean of A's label map over
-the visible region exactly, up to RoIAlign's own discretisation (a fixed number of sampling points
-per box, boxes under one map cell stretched to one cell, as ``aligned=False`` does). Mixing is done
-after the softmax of each region, with the visible areas as weights. The official ReLabel code
-(and timm-style CutMix) mixes by area only: ``lam * target_A + (1 - lam) * target_B`` with each
-target pooled over the WHOLE crop of its image, so a pasted patch of a dog's background still
-carries "dog" and the covered object of A still counts. Label modes that use the folder classes mix
-their one-hot (or smoothed) targets by area as usual.
-
-Local targets (``local_labels = S``): the student's classifier, applied as a 1x1 convolution on
-its pre-pool feature map (timm ``forward_features``, adaptive-average-pooled to S x S), predicts
-each of S x S cells; each cell's target is ``softmax(label_pooling(..., output_size=S))`` (mirrored
-along x for flipped crops; under CutMix, each cell mixes A's and B's cell targets by the fraction
-of the cell the patch covers). The loss adds ``local_weight`` times their soft cross-entropy.
+Targets (LabelPooling, CutMix with localized labels, local targets) live in trt_relabel.targets.
 
 Optimisation: SGD with Nesterov momentum, weight decay on weights only (no decay on norms and
 biases), linear warmup then cosine decay to 0 per step, AMP on CUDA (bf16, or fp16 with a
@@ -72,8 +50,16 @@ from trt_relabel.data import (
 )
 from trt_relabel.errors import RelabelError, UsageError
 from trt_relabel.fileio import atomic_file
-from trt_relabel.pooling import label_pooling, soft_target
 from trt_relabel.store import LabelStore
+from trt_relabel.targets import (
+    CutMix,
+    class_targets,
+    cutmix_relabel_targets,
+    local_targets,
+    relabel_targets,
+    sample_cutmix,
+    soft_cross_entropy,
+)
 
 LABEL_MODES = ("relabel", "original", "smooth", "relabel+original")
 AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -222,136 +208,6 @@ class TrainResult:
 
 
 # --- targets -------------------------------------------------------------------------------------
-
-
-def soft_cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
-    """Mean over samples (and cells) of -sum_c target * log_softmax(logits): logits and target
-    [B, C] or [B, C, S, S] (classes on dim 1)."""
-    return -(target * F.log_softmax(logits, dim=1)).sum(1).mean()
-
-
-def class_targets(labels: Tensor, num_classes: int, smoothing: float = 0.0) -> Tensor:
-    """int64 [B] -> float32 [B, C]: one-hot, with label smoothing (1 - e on the class, e / C
-    added everywhere)."""
-    return F.one_hot(labels, num_classes).float() * (1.0 - smoothing) + smoothing / num_classes
-
-
-def relabel_targets(values: Tensor, indices: Tensor, boxes: Tensor, num_classes: int) -> Tensor:
-    """LabelPooling soft targets: values float [B, k, h, w], indices int [B, k, h, w], boxes
-    [B, 4] (x1, y1, x2, y2 in [0, 1] of the image frame) -> float32 [B, C]."""
-    return soft_target(label_pooling(values, indices, boxes, num_classes))
-
-
-def crop_to_image(rects: Tensor, boxes: Tensor, flipped: Tensor) -> Tensor:
-    """Rectangles given as fractions (u1, v1, u2, v2) of the OUTPUT crop (after the flip) ->
-    boxes (x1, y1, x2, y2) normalised in the image frame. rects [..., B, 4], boxes [B, 4],
-    flipped bool [B]; a flipped crop mirrors u (u -> 1 - u)."""
-    u1, v1, u2, v2 = rects.unbind(-1)
-    u1, u2 = torch.where(flipped, 1 - u2, u1), torch.where(flipped, 1 - u1, u2)
-    x1, y1, x2, y2 = boxes.unbind(-1)
-    width, height = x2 - x1, y2 - y1
-    return torch.stack([x1 + u1 * width, y1 + v1 * height, x1 + u2 * width, y1 + v2 * height], -1)
-
-
-@dataclass(frozen=True)
-class CutMix:
-    """One CutMix draw for a batch: image i receives the pixels [y1:y2, x1:x2] of image perm[i]
-    (output pixels of the S x S crops; x2, y2 exclusive)."""
-
-    perm: Tensor  # int64 [B]
-    rect: tuple[int, int, int, int]  # x1, y1, x2, y2
-    size: int  # S
-
-    @property
-    def kept(self) -> float:
-        """lam: the fraction of each image that stays visible."""
-        x1, y1, x2, y2 = self.rect
-        return 1.0 - (x2 - x1) * (y2 - y1) / self.size**2
-
-    @property
-    def fractions(self) -> tuple[float, float, float, float]:
-        """The rectangle as fractions (u1, v1, u2, v2) of the crop."""
-        return tuple(c / self.size for c in self.rect)
-
-    def paste(self, images: Tensor) -> Tensor:
-        """Paste the rectangle of image perm[i] into image i of `images` [B, 3, S, S], in place
-        (the pasted pixels are read before any is written); returns `images`."""
-        x1, y1, x2, y2 = self.rect
-        images[:, :, y1:y2, x1:x2] = images[self.perm, :, y1:y2, x1:x2]
-        return images
-
-    def mix(self, targets: Tensor) -> Tensor:
-        """Area mix of per-image targets [B, C]: lam * t + (1 - lam) * t[perm]."""
-        return self.kept * targets + (1.0 - self.kept) * targets[self.perm]
-
-    def cell_coverage(self, cells: int, device: torch.device | None = None) -> Tensor:
-        """float32 [cells, cells]: the fraction of each cell of an even cells x cells grid over
-        the crop that the rectangle covers."""
-        u1, v1, u2, v2 = self.fractions
-        edges = torch.arange(cells + 1, dtype=torch.float32, device=device) / cells
-        cover_x = (edges[1:].clamp(max=u2) - edges[:-1].clamp(min=u1)).clamp(min=0)
-        cover_y = (edges[1:].clamp(max=v2) - edges[:-1].clamp(min=v1)).clamp(min=0)
-        return cover_y[:, None] * cover_x[None, :] * cells**2
-
-
-def sample_cutmix(batch_size: int, image_size: int, beta: float) -> CutMix:
-    """CutMix's draw (torch's CPU RNG): lam ~ Beta(beta, beta), a rectangle of side
-    S * sqrt(1 - lam) centred uniformly and clipped to the crop, a random permutation of the
-    batch."""
-    lam = float(torch.distributions.Beta(beta, beta).sample())
-    cut = int(image_size * math.sqrt(1.0 - lam)) // 2
-    cx, cy = (int(c) for c in torch.randint(image_size, (2,)))
-    x1, x2 = max(cx - cut, 0), min(cx + cut, image_size)
-    y1, y2 = max(cy - cut, 0), min(cy + cut, image_size)
-    return CutMix(torch.randperm(batch_size), (x1, y1, x2, y2), image_size)
-
-
-def cutmix_relabel_targets(
-    values: Tensor, indices: Tensor, boxes: Tensor, flipped: Tensor, cutmix: CutMix, num_classes: int
-) -> Tensor:
-    """Localized ReLabel targets of a CutMix batch (see the module docstring) -> float32 [B, C].
-
-    values float [B, k, h, w], indices int [B, k, h, w], boxes [B, 4] image-frame crop boxes,
-    flipped bool [B]. A's visible region = the 4 boxes around the rectangle (top and bottom bands
-    over the full width, left and right pieces beside it), pooled and averaged by area.
-    """
-    u1, v1, u2, v2 = cutmix.fractions
-    pieces = boxes.new_tensor([[0, 0, 1, v1], [0, v2, 1, 1], [0, v1, u1, v2], [u2, v1, 1, v2]])
-    areas = boxes.new_tensor([v1, 1 - v2, u1 * (v2 - v1), (1 - u2) * (v2 - v1)])
-    batch = boxes.shape[0]
-    perm = cutmix.perm
-    visible_boxes = crop_to_image(pieces[:, None, :].expand(4, batch, 4), boxes, flipped)  # [4, B, 4]
-    patch_boxes = crop_to_image(boxes.new_tensor(cutmix.fractions), boxes[perm], flipped[perm])  # [B, 4]
-    pooled = label_pooling(
-        torch.cat([values.repeat(4, 1, 1, 1), values[perm]]),
-        torch.cat([indices.repeat(4, 1, 1, 1), indices[perm]]),
-        torch.cat([visible_boxes.reshape(4 * batch, 4), patch_boxes]),
-        num_classes,
-    )
-    kept = cutmix.kept
-    visible = (pooled[: 4 * batch].view(4, batch, -1) * areas[:, None, None]).sum(0) / max(kept, 1e-6)
-    return kept * soft_target(visible) + (1.0 - kept) * soft_target(pooled[4 * batch :])
-
-
-def local_targets(
-    values: Tensor,
-    indices: Tensor,
-    boxes: Tensor,
-    flipped: Tensor,
-    num_classes: int,
-    cells: int,
-    cutmix: CutMix | None = None,
-) -> Tensor:
-    """Per-cell soft targets float32 [B, C, S, S] of the S x S cells of each output crop:
-    softmax over classes of label_pooling(..., output_size=S), mirrored along x where the crop
-    was flipped; under CutMix each cell mixes its own and its pasted neighbour's target by the
-    fraction of the cell the rectangle covers."""
-    targets = soft_target(label_pooling(values, indices, boxes, num_classes, output_size=cells))
-    targets = torch.where(flipped.to(targets.device)[:, None, None, None], targets.flip(3), targets)
-    if cutmix is None:
-        return targets
-    cover = cutmix.cell_coverage(cells, targets.device)
-    return (1.0 - cover) * targets + cover * targets[cutmix.perm]
 
 
 def batch_targets(
