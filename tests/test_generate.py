@@ -276,6 +276,31 @@ def test_retry_failed_labels_the_fixed_inputs(reference, image_folder, engines, 
     assert LabelStore(out).manifest["num_failed"] == 0
 
 
+def test_links_the_listing_cannot_follow_fail_and_are_retried_once_fixed(image_folder, engines, tmp_path):
+    data, outside = tmp_path / "data", tmp_path / "outside"
+    (data / "cat").mkdir(parents=True)
+    outside.mkdir()
+    photo = image_folder / "cat" / "chelsea.jpg"
+    shutil.copy(photo, data / "cat" / "a.jpg")
+    (data / "cat" / "b.jpg").symlink_to(outside / "b.jpg")  # its target is missing
+    (data / "cat" / "c.jpg").symlink_to("c.jpg")  # a loop
+    out = tmp_path / "store"
+    first = label(data, out, engines)
+    assert (first.rows, first.labelled, first.failed, first.complete) == (3, 1, 2, True)
+    assert LabelStore(out).errors() == [
+        {"path": "cat/b.jpg", "reason": f"broken symbolic link (target not found: {outside / 'b.jpg'})"},
+        {"path": "cat/c.jpg", "reason": "symbolic link loop (too many levels of symbolic links)"},
+    ]
+    shutil.copy(photo, outside / "b.jpg")
+    (data / "cat" / "c.jpg").unlink()
+    shutil.copy(photo, data / "cat" / "c.jpg")
+    fixed = label(data, out, engines, retry_failed=True)
+    assert (fixed.processed, fixed.labelled, fixed.failed, fixed.complete) == (2, 3, 0, True)
+    store = LabelStore(out)
+    assert store.errors() == [] and store.manifest["num_failed"] == 0
+    assert np.array_equal(store.values[0], store.values[1]) and np.array_equal(store.values[0], store.values[2])
+
+
 def test_mismatched_resume_is_refused(reference, image_folder, engines, tmp_path, monkeypatch, capfd):
     out = tmp_path / "store"
     shutil.copytree(reference, out)

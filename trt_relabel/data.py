@@ -279,6 +279,8 @@ def folder_entries(root: str | Path, what: str) -> list[ImageEntry]:
         entries = list_images(root)
     except FileNotFoundError:
         raise RelabelError(f"{root}: {what} is not a directory") from None
+    except OSError as e:
+        raise RelabelError(f"{root}: cannot list {what} ({e.strerror})") from None
     if not entries:
         raise RelabelError(f"{root}: {what} holds no images")
     if entries[0].class_index < 0:

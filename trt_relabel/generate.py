@@ -194,12 +194,15 @@ def find_inputs(data: str | Path, file_list: str | Path | None = None) -> list[I
             raise UsageError(f"{file_list}: no such file list")
         try:
             samples = read_file_list(file_list)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise UsageError(str(e).splitlines()[0]) from None
+        except (ValueError, OSError) as e:
+            raise UsageError(str(e)) from None
         if not samples:
             raise UsageError(f"{file_list}: the file list names no image")
         return samples
-    samples = list_images(data)
+    try:
+        samples = list_images(data)
+    except OSError as e:
+        raise UsageError(f"{data}: cannot list the folder ({e.strerror})") from None
     if not samples:
         raise UsageError(f"{data}: no image files ({' '.join(IMAGE_EXTENSIONS)})")
     return samples

@@ -7,13 +7,27 @@ and the official ReLabel maps): pixel rows are used as stored.
 
 from __future__ import annotations
 
+import errno
+import os
+import stat
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
+import simplejpeg
 from PIL import Image, UnidentifiedImageError
+
+#: The formats Pillow may decode (its format ids; JPEG includes the MPO of cameras, PPM covers
+#: PBM/PGM/PPM): a file is opened by its bytes, never by its name, so that nothing else (EPS, PDF,
+#: ...) is ever decoded.
+RASTER_FORMATS = ("JPEG", "PNG", "WEBP", "TIFF", "BMP", "GIF", "PPM")
+
+#: Parts of the libjpeg warnings that lose no pixel (stray bytes between segments, unusual
+#: metadata): such a JPEG is decoded as usual. Every other libjpeg warning fails the input.
+HARMLESS_JPEG_WARNINGS = ("extraneous bytes before marker", "unknown JFIF revision", "thumbnail image size")
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 
@@ -43,26 +57,90 @@ def is_image_file(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS
 
 
-def list_images(root: str | Path) -> list[ImageEntry]:
-    """List the images under `root` in sorted relative-path order.
+def _has_image_suffix(name: str) -> bool:
+    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS  # the suffix as Path.suffix reads it
 
-    ImageFolder layout (every image sits in a first-level sub-folder): class index = position of
-    the folder among the sorted sub-folder names, as torchvision does. Otherwise (images directly
-    under `root`, or no sub-folders) the folder is flat: images are found recursively and the
+
+def _is_input(entry: os.DirEntry) -> bool:
+    """Whether a directory entry with an image suffix is an input: a regular file (or a link to
+    one), or a link whose target cannot be reached (missing, a loop, no permission), which is an
+    input that fails with its reason. Links to folders and special files are not inputs."""
+    try:
+        if entry.is_file():
+            return True
+        if not entry.is_symlink():
+            return False
+        os.stat(entry.path)  # the target exists, and is a folder or a special file
+        return False
+    except OSError:
+        return True
+
+
+def _is_folder(entry: os.DirEntry) -> bool:
+    """A folder, not a link to one."""
+    try:
+        return entry.is_dir(follow_symlinks=False)
+    except OSError:
+        return False
+
+
+def _walk(root: str) -> tuple[list[str], list[str], bool]:
+    """One os.scandir pass over `root` (links to folders are not followed, as Path.rglob does):
+    (unsorted relative paths of the inputs, with one path per sub-folder that cannot be listed;
+    names of the first-level folders, links to folders included; whether an input sits directly
+    under `root`)."""
+    with os.scandir(root) as it:
+        top = list(it)
+    classes = []
+    for entry in top:
+        try:
+            if entry.is_dir():
+                classes.append(entry.name)
+        except OSError:
+            pass
+    found: list[str] = []
+    loose = False
+    pending: list[tuple[str, list[os.DirEntry]]] = [("", top)]
+    while pending:
+        prefix, entries = pending.pop()
+        for entry in entries:
+            if _is_folder(entry):
+                folder = prefix + entry.name
+                try:
+                    with os.scandir(entry.path) as it:
+                        pending.append((folder + "/", list(it)))
+                except OSError:
+                    found.append(folder)  # one input that fails: "folder that cannot be listed"
+            elif _has_image_suffix(entry.name) and _is_input(entry):
+                found.append(prefix + entry.name)
+                loose = loose or not prefix
+    return found, classes, loose
+
+
+def list_images(root: str | Path) -> list[ImageEntry]:
+    """List the inputs under `root` in sorted relative-path order.
+
+    ImageFolder layout (every input sits in a first-level sub-folder): class index = position of
+    the folder among the sorted sub-folder names, as torchvision does. Otherwise (inputs directly
+    under `root`, or no sub-folders) the folder is flat: inputs are found recursively and the
     class index is -1.
+
+    Inputs are the files with an image suffix (:data:`IMAGE_EXTENSIONS`), and also what the listing
+    meets but cannot read, so that it fails with its reason instead of vanishing: a link with an
+    image suffix whose target is missing or loops, and a sub-folder that cannot be listed (one
+    input named by the folder's path). Links to folders are not followed. Raises
+    FileNotFoundError when `root` is not a directory, PermissionError (OSError) when it cannot be
+    listed.
     """
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: not a directory")
-    files = sorted(
-        (p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() and is_image_file(p)),
-    )
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
-    image_folder = bool(classes) and all("/" in f for f in files)
-    if not image_folder:
-        return [ImageEntry(f, -1) for f in files]
-    class_index = {name: i for i, name in enumerate(classes)}
-    return [ImageEntry(f, class_index[f.split("/", 1)[0]]) for f in files]
+    found, classes, loose = _walk(str(root))
+    found.sort()
+    if not classes or loose:
+        return [ImageEntry(f, -1) for f in found]
+    class_index = {name: i for i, name in enumerate(sorted(classes))}
+    return [ImageEntry(f, class_index[f.split("/", 1)[0]]) for f in found]
 
 
 def first_difference(a: Sequence, b: Sequence) -> int | None:
@@ -75,12 +153,20 @@ def first_difference(a: Sequence, b: Sequence) -> int | None:
 
 def read_file_list(list_file: str | Path) -> list[ImageEntry]:
     """Entries from a text file: one `relative/path` or `relative/path<TAB>class_index` per line,
-    relative to the data root; blank lines and lines starting with '#' are skipped. Sorted by path."""
+    relative to the data root; blank lines and lines starting with '#' are skipped. Sorted by path.
+
+    The list is UTF-8; a byte that is not (a name in another encoding) is kept as it is, as the
+    folder listing keeps such names (Python's surrogateescape), so the list names the same file.
+    Raises ValueError naming the list and line for a bad class index or a NUL byte (not a text list).
+    """
     entries = []
-    for n, line in enumerate(Path(list_file).read_text().splitlines(), 1):
+    text = Path(list_file).read_text(encoding="utf-8", errors="surrogateescape")
+    for n, line in enumerate(text.splitlines(), 1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue
+        if "\0" in line:
+            raise ValueError(f"{list_file}:{n}: holds a NUL byte (a file list is UTF-8 text, one path a line)")
         path, _, label = line.partition("\t")
         try:
             entries.append(ImageEntry(path, int(label) if label else -1))
@@ -111,36 +197,103 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def _stat_reason(path: Path, error: OSError) -> str:
+    """The one-line reason an input cannot be opened, from the error of stat()/open()."""
+    if error.errno == errno.ENOENT:
+        if path.is_symlink():
+            return f"broken symbolic link (target not found: {os.readlink(path)})"
+        return "file not found"
+    if error.errno == errno.ELOOP:
+        return "symbolic link loop (too many levels of symbolic links)"
+    if error.errno == errno.EACCES:
+        return "permission denied"
+    return f"cannot read the file: {error.strerror}"
+
+
+def _folder_reason(path: Path) -> str:
+    """The reason a folder named as an input fails: the listing names a sub-folder it cannot list."""
+    try:
+        with os.scandir(path):
+            pass
+    except OSError as e:
+        return f"folder that cannot be listed ({_stat_reason(path, e)}); its images are unknown"
+    return "is a directory, not a file"
+
+
+def _check_input(path: Path) -> None:
+    """Raise ImageLoadError unless `path` is a non-empty regular file (or a link to one)."""
+    try:
+        info = path.stat()
+    except OSError as e:
+        raise ImageLoadError(_stat_reason(path, e)) from None
+    if stat.S_ISDIR(info.st_mode):
+        raise ImageLoadError(_folder_reason(path))
+    if not stat.S_ISREG(info.st_mode):
+        raise ImageLoadError("not a regular file")
+    if info.st_size == 0:
+        raise ImageLoadError("empty file (0 bytes)")
+
+
+def _jpeg_pixels(data: bytes, *, check_only: bool = False) -> np.ndarray:
+    """Decode a JPEG with libjpeg-turbo (simplejpeg), refusing one whose data is damaged.
+
+    Returns uint8 [H, W, 3] RGB (the pixels Pillow decodes, bit for bit), or with `check_only` a
+    1/8-scale CMYK decode that only checks the data. libjpeg *warns* and fills grey where data is
+    missing (a scan cut short, even when the file still ends in an EOI marker; a header that claims
+    more pixels than the data holds); such a warning raises ImageLoadError, except the
+    :data:`HARMLESS_JPEG_WARNINGS`, which lose no pixel.
+    """
+    options = {"colorspace": "CMYK", "min_height": 1, "min_width": 1} if check_only else {"colorspace": "RGB"}
+    try:
+        return simplejpeg.decode_jpeg(data, strict=True, **options)
+    except ValueError as e:
+        message = str(e).split("(): ", 1)[-1]
+        if not any(harmless in message for harmless in HARMLESS_JPEG_WARNINGS):
+            raise ImageLoadError(f"corrupt or truncated JPEG (libjpeg: {message})") from None
+    return simplejpeg.decode_jpeg(data, strict=False, **options)
+
+
+def _decode(file: BinaryIO) -> Image.Image:
+    """Decode an open file of one of the :data:`RASTER_FORMATS` into a Pillow image (any mode)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        img = Image.open(file, formats=RASTER_FORMATS)
+    if img.format in ("JPEG", "MPO"):
+        file.seek(0)
+        data = file.read()
+        if img.mode in ("RGB", "L"):
+            img.close()
+            return Image.fromarray(_jpeg_pixels(data))
+        _jpeg_pixels(data, check_only=True)  # CMYK / YCCK: checked by libjpeg-turbo, decoded by Pillow
+    img.load()
+    return img
+
+
 def load_rgb(path: str | Path) -> Image.Image:
     """Decode `path` into an 8-bit RGB Pillow image.
 
-    CMYK, greyscale, palette and 16-bit images are converted; transparency is composited onto
-    white. Raises :class:`ImageLoadError` with a one-line reason for missing, unreadable, empty,
-    corrupt or truncated files, non-images, and images over Pillow's `Image.MAX_IMAGE_PIXELS`
-    (decompression bombs are refused before their pixels are allocated).
+    Only the :data:`RASTER_FORMATS` are decoded, whatever the file's name (an EPS named .jpg never
+    reaches Ghostscript). JPEGs are decoded by libjpeg-turbo through simplejpeg with its warnings
+    as errors (see :func:`_jpeg_pixels`); other formats by Pillow. CMYK, greyscale, palette and
+    16-bit images are converted; transparency is composited onto white. Raises
+    :class:`ImageLoadError` with a one-line reason for missing, unreadable, empty, corrupt or
+    truncated files, broken or looping links, folders, other formats, and images over Pillow's
+    `Image.MAX_IMAGE_PIXELS` (decompression bombs are refused before their pixels are allocated).
     """
     path = Path(path)
+    _check_input(path)
     try:
-        if path.stat().st_size == 0:
-            raise ImageLoadError("empty file (0 bytes)")
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                img.load()
-                return _to_rgb(img)
+        with open(path, "rb") as file, _decode(file) as img:
+            return _to_rgb(img)
     except ImageLoadError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageLoadError(f"decompression bomb refused: {e}") from None
     except UnidentifiedImageError:
-        raise ImageLoadError("not an image Pillow can identify") from None
-    except FileNotFoundError:
-        raise ImageLoadError("file not found") from None
-    except IsADirectoryError:
-        raise ImageLoadError("is a directory, not a file") from None
-    except PermissionError:
-        raise ImageLoadError("permission denied") from None
+        raise ImageLoadError(f"not an image of an accepted format ({', '.join(RASTER_FORMATS)})") from None
     except OSError as e:
+        if e.errno is not None:
+            raise ImageLoadError(_stat_reason(path, e)) from None
         raise ImageLoadError(f"corrupt or truncated image: {e}") from None
     except (ValueError, SyntaxError, MemoryError) as e:
         raise ImageLoadError(f"cannot decode image: {e}") from None
