@@ -147,10 +147,13 @@ def test_store_must_label_the_same_images(image_folder, label_store, tmp_path):
         aligned_store([*entries, ImageEntry("uniform/zzz.jpg", 2)], store, image_folder)
 
 
-def test_failed_rows_are_skipped(image_folder, tmp_path):
-    store = LabelStore(build_store(image_folder, tmp_path / "store", failed=(2, 7)))
-    rows, skipped = trainable_rows(store, len(store))
-    assert skipped == 2 and rows.tolist() == [i for i in range(12) if i not in (2, 7)]
+def test_failed_and_non_finite_rows_are_skipped(image_folder, tmp_path):
+    from test_store import poison
+
+    path = build_store(image_folder, tmp_path / "store", failed=(2, 7))
+    poison(path, {4: np.nan, 9: np.inf})
+    rows, unlabelled, nonfinite = trainable_rows(LabelStore(path), 12)
+    assert (unlabelled, nonfinite) == (2, 2) and rows.tolist() == [i for i in range(12) if i not in (2, 4, 7, 9)]
     assert trainable_rows(None, 12)[0].tolist() == list(range(12))
 
 

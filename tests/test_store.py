@@ -214,3 +214,37 @@ def test_full_disk(tmp_path):
     assert create == f"create: {tmp_path}/big: cannot create the store: No space left on device"
     assert full == f"full: {tmp_path}/small/errors.jsonl: cannot record a failed input: No space left on device"
     assert resumed == "resumed: complete"
+
+
+def poison(store: Path, rows: dict[int, float]) -> None:
+    """Edit a store as an older version or a hand could leave it: one score of each row set to the value."""
+    values = np.load(store / "values.npy", mmap_mode="r+")
+    for row, value in rows.items():
+        values[row, 0, 3, 3] = value
+    values.flush()
+
+
+def test_writer_refuses_non_finite_scores(tmp_path):
+    writer = create_store(tmp_path / "store", SPEC, SAMPLES)
+    values, indices = random_labels(5, seed=3)
+    values[1, 2, 0, 0] = np.nan
+    values[2, 0, 6, 6] = 70000.0  # beyond float16's 65504: would become inf
+    values[3, 4, 1, 1] = -np.inf
+    values[4, 0, 0, 0] = 65504.0  # the largest float16: kept
+    assert writer.write(np.arange(5), values, indices) == 3
+    writer.write(np.arange(5, 10), *random_labels(5, seed=4))
+    assert writer.finish()
+
+    store = LabelStore(tmp_path / "store")
+    assert store.status().tolist() == [1, 2, 2, 2, 1, 1, 1, 1, 1, 1]
+    assert np.isfinite(store.values).all() and not store.nonfinite().any()
+    assert not store.values[1:4].any()  # failed rows hold nothing
+    assert store.values[4, 0, 0, 0] == 65504
+    reasons = {entry["path"]: entry["reason"] for entry in store.errors()}
+    assert "not finite (NaN)" in reasons[SAMPLES[1].path]
+    assert "70000 overflows float16" in reasons[SAMPLES[2].path]
+    assert "not finite (inf)" in reasons[SAMPLES[3].path]
+    assert store.manifest["num_failed"] == 3
+
+    poison(tmp_path / "store", {6: np.nan, 8: np.inf})
+    assert np.flatnonzero(LabelStore(tmp_path / "store").nonfinite()).tolist() == [6, 8]

@@ -255,6 +255,47 @@ def test_failed_rows_are_skipped_in_relabel_modes(image_folder, tmp_path, one_th
     assert baseline.skipped_rows == 0
 
 
+def test_non_finite_store_rows_are_skipped(image_folder, tmp_path, one_thread):
+    from test_store import poison
+
+    store = build_store(image_folder, tmp_path / "store", failed=(0, 5))
+    poison(store, {6: math.nan, 11: math.inf})  # as an older version or an edit could leave them
+    result = train(tiny_config(image_folder, store, tmp_path / "run", epochs=1, batch_size=8))
+    assert result.skipped_rows == 4 and math.isfinite(result.metrics[0]["train_loss"])
+    weights = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["model"]
+    assert all(torch.isfinite(tensor).all() for tensor in weights.values())
+
+
+def test_training_stops_at_a_non_finite_loss_keeping_the_last_good_epoch(
+    image_folder, label_store, tmp_path, one_thread
+):
+    # lr 1e30 makes the weights overflow within two steps. Epoch 1 runs in a warmup of 1e40 epochs
+    # (lr ~1e-11); the resumed epoch 2, without warmup, at the full 1e30.
+    run = tmp_path / "run"
+    train(tiny_config(image_folder, label_store, run, epochs=1, lr=1e30, warmup_epochs=1e40))
+    good = torch.load(run / "checkpoint.pt", weights_only=True)
+    with pytest.raises(
+        RelabelError, match=r"loss is not finite .* at epoch 2, step \d: training stopped; .*checkpoint"
+    ):
+        train(tiny_config(image_folder, label_store, run, epochs=2, resume=True, lr=1e30))
+    assert [m["epoch"] for m in read_metrics(run)] == [1] and math.isfinite(read_metrics(run)[0]["train_loss"])
+    kept = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert kept["epoch"] == 1
+    for name, tensor in good["model"].items():
+        assert torch.isfinite(tensor).all() and torch.equal(kept["model"][name], tensor), name
+
+    # The CLI: one line, exit 1, nothing saved by a run that diverges in its first epoch.
+    command = [str(CLI), "train", "--data", str(image_folder), "--labels", str(label_store), "--out",
+               str(tmp_path / "new"), "--model", "resnet18", "--image-size", "64", "--batch-size", "4",
+               "--epochs", "1", "--lr", "1e30", "--workers", "0"]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, env=SUBPROCESS_ENV)
+    assert done.returncode == 1, done.stderr[-2000:]
+    error = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(error) == 1 and "loss is not finite" in error[0] and "no checkpoint was saved" in error[0]
+    assert "Traceback" not in done.stderr and not (tmp_path / "new" / "checkpoint.pt").exists()
+    assert read_metrics(tmp_path / "new") == []
+
+
 def test_torchrun_two_cpu_processes(image_folder, label_store, tmp_path):
     recipe = tmp_path / "tiny.toml"
     recipe.write_text('model = "resnet18"\nimage_size = 64\nbatch_size = 4\nlr = 0.05\nepochs = 5\nworkers = 0\n')

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -175,3 +176,40 @@ def test_show_cli(labelled, tmp_path):
     assert bad_box.returncode == 2 and "x1 < x2" in bad_box.stderr
     for errored in (no_data, failed, bad_box):
         assert "Traceback" not in errored.stderr and not list(tmp_path.glob("[xyz].png"))
+
+
+@pytest.fixture
+def poisoned(labelled, tmp_path) -> tuple[Path, Path]:
+    """A copy of the store where rows 4 (NaN) and 9 (inf) hold a non-finite score, as an older
+    version or an edit could leave them."""
+    from test_store import poison
+
+    data, path = labelled
+    copy = tmp_path / "poisoned"
+    shutil.copytree(path, copy)
+    poison(copy, {4: np.nan, 9: -np.inf})
+    return data, copy
+
+
+def test_stats_leave_out_non_finite_rows(labelled, poisoned):
+    clean = store_stats(LabelStore(labelled[1]))
+    stats = store_stats(LabelStore(poisoned[1]), chunk_rows=3)
+    assert (stats.num_labelled, stats.num_nonfinite, stats.nonfinite.tolist()) == (12, 2, [4, 9])
+    assert np.isfinite(stats.entropies).all() and len(stats.entropies) == 12
+    np.testing.assert_allclose(stats.entropies, np.delete(clean.entropies, [3, 8]), rtol=1e-6)  # rows 4 and 9
+
+    result = run_cli("stats", poisoned[1], "--json")
+    assert result.returncode == 0, result.stderr
+    printed = json.loads(result.stdout, parse_constant=lambda name: pytest.fail(f"{name} in stats --json"))
+    assert printed["num_nonfinite"] == 2 and printed["num_labelled"] == 12
+    warning = [line for line in result.stderr.splitlines() if "non-finite" in line]
+    assert len(warning) == 1 and str(poisoned[1]) in warning[0] and "row 4" in warning[0]
+
+
+def test_show_refuses_a_non_finite_row(poisoned, tmp_path):
+    data, path = poisoned
+    with pytest.raises(RelabelError, match=r"\(row 4\) of .*: its scores are not finite"):
+        show_label_map(LabelStore(path), 4, data / LabelStore(path).samples[4].path, tmp_path / "x.png")
+    result = run_cli("show", "--row", "9", "--labels", path, "--data", data, "--out", tmp_path / "y.png")
+    assert result.returncode == 1 and "not finite" in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "y.png").exists()

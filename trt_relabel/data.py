@@ -304,13 +304,15 @@ def aligned_store(entries: Sequence[ImageEntry], store: LabelStore, root: str | 
     )
 
 
-def trainable_rows(store: LabelStore | None, num_rows: int) -> tuple[np.ndarray, int]:
-    """(rows to train on int64 [M], number skipped): with a store, the rows it labelled (failed and
-    pending rows are skipped); without one, every row."""
+def trainable_rows(store: LabelStore | None, num_rows: int) -> tuple[np.ndarray, int, int]:
+    """(rows to train on int64 [M], rows not labelled, labelled rows with non-finite scores): with a
+    store, the rows it labelled with finite scores (failed, pending and non-finite rows are
+    skipped); without one, every row."""
     if store is None:
-        return np.arange(num_rows, dtype=np.int64), 0
+        return np.arange(num_rows, dtype=np.int64), 0, 0
     labelled = store.labelled()
-    return np.flatnonzero(labelled), int((~labelled).sum())
+    nonfinite = labelled & store.nonfinite()
+    return np.flatnonzero(labelled & ~nonfinite), int((~labelled).sum()), int(nonfinite.sum())
 
 
 def real_labels(path: str | Path, entries: Sequence[ImageEntry]) -> list[list[int]]:

@@ -27,7 +27,7 @@ import numpy as np
 
 from trt_relabel.errors import UsageError
 from trt_relabel.images import ImageEntry, first_difference, list_images
-from trt_relabel.store import ERRORS, FAILED, LabelStore, StoreError, StoreSpec, StoreWriter, create_store
+from trt_relabel.store import ERRORS, FAILED, FLOAT16_MAX, LabelStore, StoreError, StoreSpec, StoreWriter, create_store
 
 #: What labelled the official maps: EfficientNet-L2 at 475 px, top-5 of 15 x 15 cells.
 RELABEL_SPEC = StoreSpec(
@@ -40,7 +40,6 @@ RELABEL_SPEC = StoreSpec(
     num_classes=1000,
 )
 RELABEL_SHAPE = (2, RELABEL_SPEC.topk, *RELABEL_SPEC.map_size)
-FLOAT16_MAX = float(np.finfo(np.float16).max)
 
 #: Called with (rows done, rows to do) as the work of one call progresses.
 ProgressCallback = Callable[[int, int], None]

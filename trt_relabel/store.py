@@ -46,6 +46,7 @@ STATUS = "status.npy"
 STORE_FILES = (MANIFEST, VALUES, INDICES, SAMPLES, ERRORS, STATUS)
 
 PENDING, LABELLED, FAILED = 0, 1, 2
+FLOAT16_MAX = float(np.finfo(np.float16).max)
 
 REQUIRED_KEYS = (
     "format",
@@ -223,9 +224,38 @@ class LabelStore:
         """bool [N]: the rows that hold labels (status labelled)."""
         return self.status() == LABELLED
 
+    def nonfinite(self, chunk_rows: int = 16384) -> np.ndarray:
+        """bool [N]: the rows whose values hold a NaN or an infinity (the writer refuses them, but
+        stores of older versions or edited ones may hold them). Reads every row once."""
+        return np.concatenate(
+            [nonfinite_rows(self.values[start : start + chunk_rows]) for start in range(0, len(self), chunk_rows)]
+            or [np.zeros(0, bool)]
+        )
+
     def errors(self) -> list[dict]:
         """The parsed lines of errors.jsonl ({"path": ..., "reason": ...}); [] when there is none."""
         return _read_errors(self.path)
+
+
+def nonfinite_rows(values: np.ndarray) -> np.ndarray:
+    """bool [B]: the rows of float16 `values` [B, ...] that hold a NaN or an infinity (all five
+    exponent bits set), ~5x faster than np.isfinite on float16."""
+    if values.dtype != np.float16:
+        raise TypeError(f"nonfinite_rows takes float16 values, not {values.dtype}")
+    bits = np.ascontiguousarray(values).view(np.uint16).reshape(len(values), -1)
+    return ((bits & 0x7C00) == 0x7C00).any(axis=1)
+
+
+def _nonfinite_reason(values: np.ndarray) -> str:
+    """Why a row of scores (any float [k, h, w]) cannot be stored as float16."""
+    values = np.asarray(values, dtype=np.float64)
+    if np.isnan(values).any():
+        return "the teacher's scores are not finite (NaN); labels not stored"
+    if np.isinf(values).any():
+        return "the teacher's scores are not finite (inf); labels not stored"
+    return (
+        f"a teacher score of {np.abs(values).max():.6g} overflows float16 (at most {FLOAT16_MAX:g}); labels not stored"
+    )
 
 
 def _read_errors(path: Path) -> list[dict]:
@@ -411,9 +441,11 @@ class StoreWriter:
                 raise StoreError(f"{e.filename or self.path}: cannot reopen failed rows: {e.strerror}") from None
         return int(rows.size)
 
-    def write(self, rows: np.ndarray, values: np.ndarray, indices: np.ndarray) -> None:
+    def write(self, rows: np.ndarray, values: np.ndarray, indices: np.ndarray) -> int:
         """Store the labels of `rows` (int [B]): values any float [B, k, h, w] (cast to float16),
-        indices any int [B, k, h, w] (cast to int16); then mark the rows labelled."""
+        indices any int [B, k, h, w] (cast to int16); then mark the rows labelled. A row whose
+        values are not finite in float16 (NaN, inf, or beyond +-65504) is marked failed instead,
+        with the reason. Returns how many rows failed so."""
         rows = np.asarray(rows, dtype=np.int64)
         expected = (len(rows), *self.spec.row_shape)
         if values.shape != expected or indices.shape != expected:
@@ -421,9 +453,17 @@ class StoreWriter:
                 f"{self.path}: labels of shape {list(values.shape)} / {list(indices.shape)}, "
                 f"the store holds rows of {list(expected)}"
             )
-        self._values[rows] = values.astype(np.float16, copy=False)
+        with np.errstate(over="ignore"):  # overflow becomes inf, refused below
+            half = values.astype(np.float16, copy=False)
+        bad = nonfinite_rows(half)
+        if bad.any():
+            for row, row_values in zip(rows[bad], values[bad], strict=True):
+                self.mark_failed(int(row), _nonfinite_reason(row_values))
+            rows, half, indices = rows[~bad], half[~bad], indices[~bad]
+        self._values[rows] = half
         self._indices[rows] = indices.astype(np.int16, copy=False)
         self._status[rows] = LABELLED
+        return int(bad.sum())
 
     def mark_failed(self, row: int, reason: str) -> None:
         """Mark `row` failed: one line {"path", "reason"} (the row's sample path) appended to

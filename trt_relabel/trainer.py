@@ -32,6 +32,7 @@ import timm
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from rich.text import Text
 from timm.data import resolve_data_config
 from torch import Tensor, nn
 
@@ -64,6 +65,8 @@ from trt_relabel.targets import (
 LABEL_MODES = ("relabel", "original", "smooth", "relabel+original")
 AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 CHECKPOINT = "checkpoint.pt"
+#: Steps between looks at the loss for NaN / inf (each a host sync, and an all-reduce under torchrun).
+LOSS_CHECK_STEPS = 10
 METRICS = "metrics.jsonl"
 
 
@@ -197,7 +200,7 @@ def load_config(path: str | Path | None = None, **overrides: object) -> TrainCon
 class TrainResult:
     """run_dir; checkpoint path; epochs completed in total; metrics: the metrics.jsonl lines of
     this call (the same dicts on every process); skipped_rows: store rows not trained on (not
-    labelled); rank: this process's rank."""
+    labelled, or non-finite scores); rank: this process's rank."""
 
     run_dir: Path
     checkpoint: Path
@@ -470,9 +473,16 @@ def _open_data(config: TrainConfig) -> tuple[list, LabelStore | None, int]:
 def _train(config: TrainConfig, process: Process, console) -> TrainResult:
     entries, store, num_classes = _open_data(config)
     uses_maps = "relabel" in config.label_mode
-    rows, skipped = trainable_rows(store if uses_maps else None, len(entries))
-    if skipped and console is not None:
-        console.print(f"[yellow]warning:[/] skipping {skipped} of {len(entries)} images the store has not labelled")
+    rows, unlabelled, nonfinite = trainable_rows(store if uses_maps else None, len(entries))
+    skipped = unlabelled + nonfinite
+    if console is not None:
+        if unlabelled:
+            console.print(
+                f"[yellow]warning:[/] skipping {unlabelled} of {len(entries)} images the store has not labelled"
+            )
+        if nonfinite:
+            message = f"{config.labels}: skipping {nonfinite} images whose labels hold non-finite scores (NaN or inf)"
+            console.print(Text.assemble(("warning: ", "yellow"), message))
     if config.batch_size % process.world_size:
         raise UsageError(f"batch_size {config.batch_size} is not divisible by {process.world_size} processes")
     batch_size = config.batch_size // process.world_size
@@ -545,9 +555,11 @@ def _train(config: TrainConfig, process: Process, console) -> TrainResult:
             generator.manual_seed(int(np.random.SeedSequence([config.seed, epoch, process.rank]).generate_state(1)[0]))
             task = progress.add_task(f"epoch {epoch + 1}/{config.epochs}", total=steps, rate=0.0, loss=float("nan"))
             started = time.perf_counter()
-            loss_sum, images_seen, last_lr = _train_epoch(
+            loss_sum, images_seen, last_lr, bad_step = _train_epoch(
                 student, loader, optimizer, scheduler, scaler, amp, config, num_classes, process, progress, task
             )
+            if bad_step is not None:
+                raise _diverged(run_dir, checkpoint_path, epoch, bad_step)
             train_time = time.perf_counter() - started
             line = {"epoch": epoch + 1}
             total_loss, total_steps, total_images = process.sum([loss_sum, steps, images_seen])
@@ -610,24 +622,50 @@ def _val_loader(config: TrainConfig, mean, std, batch_size: int, process: Proces
 
 
 def _train_epoch(student, loader, optimizer, scheduler, scaler, amp, config, num_classes, process, progress, task):
-    """One pass over the loader; returns (sum of the step losses, images seen, lr of the last step)
-    of this process."""
+    """One pass over the loader; returns (sum of the step losses, images seen, lr of the last step,
+    None) of this process. Stops early when the loss of any process is not finite (looked at
+    every LOSS_CHECK_STEPS steps and at the end, on every process at once); the last item is then
+    the first step (0-based) with a non-finite loss."""
     student.train()
     side_stream = torch.cuda.Stream(process.device) if process.device.type == "cuda" else None
     loss_sum = torch.zeros((), dtype=torch.float64, device=process.device)
+    first_bad = torch.full((), -1, dtype=torch.int64, device=process.device)
     images_seen = 0
     started = time.perf_counter()
     for step, batch in enumerate(loader):
         lr = optimizer.param_groups[0]["lr"]
         loss = train_step(student, batch, optimizer, scaler, amp, config, num_classes, process.device, side_stream)
         scheduler.step()
-        loss_sum += loss.detach()
+        loss = loss.detach()
+        loss_sum += loss
+        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
         images_seen += len(batch.labels)
         fields_ = {"rate": images_seen * process.world_size / (time.perf_counter() - started)}
-        if step % 10 == 0:
+        if step % LOSS_CHECK_STEPS == 0:
             fields_["loss"] = loss.item()
+            if not _finite_everywhere(loss_sum, process):
+                break
         progress.update(task, advance=1, **fields_)
-    return loss_sum.item(), images_seen, lr
+    if not _finite_everywhere(loss_sum, process):
+        bad = int(first_bad.item())
+        return loss_sum.item(), images_seen, lr, bad if bad >= 0 else step
+    return loss_sum.item(), images_seen, lr, None
+
+
+def _finite_everywhere(loss_sum: Tensor, process: Process) -> bool:
+    """Whether the loss sum of every process is finite (an all-reduce: call on every process)."""
+    return math.isfinite(process.sum([loss_sum.item()])[0])
+
+
+def _diverged(run_dir: Path, checkpoint: Path, epoch: int, step: int) -> RelabelError:
+    if checkpoint.exists():
+        kept = f"{checkpoint} (epoch {epoch}) and {run_dir / METRICS} keep the last good state"
+    else:
+        kept = "no checkpoint was saved"
+    return RelabelError(
+        f"{run_dir}: the training loss is not finite (NaN or inf) at epoch {epoch + 1}, step {step + 1}: "
+        f"training stopped; {kept} (lower --lr, or check the labels and images)"
+    )
 
 
 def _move(tensor: Tensor | None, device: torch.device) -> Tensor | None:

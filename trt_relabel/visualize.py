@@ -18,7 +18,7 @@ from trt_relabel.classes import class_names
 from trt_relabel.errors import RelabelError, UsageError
 from trt_relabel.images import ImageLoadError, load_rgb
 from trt_relabel.interop import ProgressCallback
-from trt_relabel.store import FAILED, LABELLED, PENDING, LabelStore
+from trt_relabel.store import FAILED, LABELLED, PENDING, LabelStore, nonfinite_rows
 
 FULL_BOX = (0.0, 0.0, 1.0, 1.0)
 DPI = 100
@@ -47,7 +47,10 @@ def soft_targets(values: np.ndarray, indices: np.ndarray, boxes: np.ndarray, num
 class StoreStats:
     """Statistics of a store's global soft targets (see the module docstring). Entropies in nats.
 
-    `num_with_class`: labelled rows whose folder gives a class (class index >= 0); `num_agree`:
+    `num_nonfinite`: rows labelled with scores that hold a NaN or an infinity (stores of older
+    versions or edited ones; `nonfinite` lists them), left out: `num_labelled` counts the other
+    labelled rows, which every figure below covers. `num_with_class`: those whose folder gives a
+    class (class index >= 0); `num_agree`:
     those whose global top-1 is that class (meaningful when the folder classes are the teacher's,
     e.g. ImageNet's 1000 wnid folders). `num_multi_label`: labelled rows whose second most likely
     class has a probability above `threshold`. Ratios are None when their denominator is 0.
@@ -60,6 +63,7 @@ class StoreStats:
     num_labelled: int
     num_failed: int
     num_pending: int
+    num_nonfinite: int
     num_with_class: int
     num_agree: int
     agreement: float | None
@@ -68,12 +72,13 @@ class StoreStats:
     multi_label_fraction: float | None
     entropy_mean: float | None
     entropy_quartiles: tuple[float, float, float] | None
-    entropies: np.ndarray = field(repr=False, compare=False)  # float32 [num_labelled], row order
+    entropies: np.ndarray = field(repr=False, compare=False)  # float32 [labelled finite rows], row order
+    nonfinite: np.ndarray = field(repr=False, compare=False)  # int64 [num_nonfinite]: their rows
 
     def to_dict(self) -> dict:
-        """The numbers (without the per-image entropies), JSON-serialisable."""
+        """The numbers (without the per-image entropies and rows), JSON-serialisable."""
         numbers = asdict(self)
-        del numbers["entropies"]
+        del numbers["entropies"], numbers["nonfinite"]
         return numbers
 
 
@@ -89,21 +94,24 @@ def store_stats(
     if not 0 <= threshold < 1:
         raise UsageError(f"--threshold {threshold}: must lie in [0, 1)")
     status = store.status()
-    rows = np.flatnonzero(status == LABELLED)
-    classes = np.array([s.class_index for s in store.samples], dtype=np.int64)[rows]
-    top1 = np.empty(len(rows), np.int64)
-    second = np.empty(len(rows), np.float32)
-    entropies = np.empty(len(rows), np.float32)
-    for start in range(0, len(rows), chunk_rows):
+    labelled = np.flatnonzero(status == LABELLED)
+    finite = np.ones(len(labelled), bool)
+    top1 = np.empty(len(labelled), np.int64)
+    second = np.empty(len(labelled), np.float32)
+    entropies = np.empty(len(labelled), np.float32)
+    for start in range(0, len(labelled), chunk_rows):
         chunk = slice(start, start + chunk_rows)
-        values, indices = store.gather(rows[chunk])
+        values, indices = store.gather(labelled[chunk])
+        finite[chunk] = ~nonfinite_rows(values)
         targets = soft_targets(values, indices, np.tile(FULL_BOX, (len(values), 1)), store.num_classes)
         best_two = -np.partition(-targets, 1, axis=1)[:, :2]
         top1[chunk] = targets.argmax(axis=1)
         second[chunk] = best_two[:, 1]
         entropies[chunk] = -(targets * np.log(np.maximum(targets, np.finfo(np.float32).tiny))).sum(axis=1)
         if progress:
-            progress(min(start + chunk_rows, len(rows)), len(rows))
+            progress(min(start + chunk_rows, len(labelled)), len(labelled))
+    rows, top1, second, entropies = labelled[finite], top1[finite], second[finite], entropies[finite]
+    classes = np.array([store.samples[row].class_index for row in rows], dtype=np.int64)
     with_class = classes >= 0
     num_agree = int((top1[with_class] == classes[with_class]).sum())
     num_multi = int((second > threshold).sum())
@@ -115,6 +123,7 @@ def store_stats(
         num_labelled=len(rows),
         num_failed=int((status == FAILED).sum()),
         num_pending=int((status == PENDING).sum()),
+        num_nonfinite=int((~finite).sum()),
         num_with_class=int(with_class.sum()),
         num_agree=num_agree,
         agreement=_ratio(num_agree, int(with_class.sum())),
@@ -124,6 +133,7 @@ def store_stats(
         entropy_mean=float(entropies.mean()) if len(rows) else None,
         entropy_quartiles=tuple(float(q) for q in np.quantile(entropies, [0.25, 0.5, 0.75])) if len(rows) else None,
         entropies=entropies,
+        nonfinite=labelled[~finite],
     )
 
 
@@ -260,12 +270,14 @@ def show_label_map(
     sample = store.samples[row]
     if not store.labelled()[row]:
         raise RelabelError(f"{sample.path} (row {row}) of {store.path} has no labels (failed or pending)")
+    values, indices = store[row]
+    if nonfinite_rows(values[None])[0]:
+        raise RelabelError(f"{sample.path} (row {row}) of {store.path}: its scores are not finite (NaN or inf)")
     pool_box = _check_box(box or FULL_BOX)
     try:
         picture = np.asarray(load_rgb(photo))
     except ImageLoadError as e:
         raise RelabelError(f"{photo}: {e}") from None
-    values, indices = store[row]
     target = soft_targets(values[None], indices[None], pool_box[None], store.num_classes)[0]
     top5 = [(int(c), float(target[c])) for c in np.argsort(-target, kind="stable")[:5]]
     top1 = np.take_along_axis(indices, values.argmax(axis=0)[None], axis=0)[0]

@@ -12,6 +12,7 @@ from typing import Annotated
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from trt_relabel.cli._app import RetryFailedOpt, app, console
 from trt_relabel.errors import UsageError
@@ -185,6 +186,8 @@ def stats_command(
 
     with _progress("pooling") as progress:
         stats = store_stats(LabelStore(store), threshold=threshold, progress=progress)
+    if stats.num_nonfinite:
+        console.print(Text(_nonfinite_warning(stats), style="yellow"))
     if as_json:
         typer.echo(json.dumps(stats.to_dict(), indent=2))
     else:
@@ -192,6 +195,13 @@ def stats_command(
     if plot:
         plot_stats(stats, plot, width=width, height=height)
         console.print(f"{plot}: {width}x{height} PNG written")
+
+
+def _nonfinite_warning(stats) -> str:
+    return (
+        f"warning: {stats.store}: {stats.num_nonfinite} labelled rows hold non-finite scores (NaN or inf) "
+        f"and are left out (first: row {int(stats.nonfinite[0])})"
+    )
 
 
 def _percent(ratio: float | None) -> str:
@@ -202,6 +212,8 @@ def _stats_table(stats) -> Table:
     table = Table("", "", title=f"{stats.store} ({stats.teacher})", show_header=False)
     table.add_row("images", str(stats.num_samples))
     table.add_row("labelled / failed / pending", f"{stats.num_labelled} / {stats.num_failed} / {stats.num_pending}")
+    if stats.num_nonfinite:
+        table.add_row("left out: non-finite scores", str(stats.num_nonfinite))
     table.add_row(
         "global top-1 = folder class", f"{stats.num_agree} of {stats.num_with_class} ({_percent(stats.agreement)})"
     )
