@@ -83,7 +83,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     batch = random_batch(args.batch, args.image_size, rng)
     if cuda:
-        batch = TrainBatch(*(t.pin_memory() if t is not None else None for t in batch))
+        batch = TrainBatch(*(t.pin_memory() if isinstance(t, torch.Tensor) else t for t in batch))
 
     def sync() -> None:
         if cuda:
@@ -107,7 +107,9 @@ def main() -> None:
     def targets_alone(rows: np.ndarray) -> None:
         maps = with_maps(batch, store, rows, cuda)
         on_device = maps._replace(images=None)
-        on_device = TrainBatch(*(t.to(device, non_blocking=True) if t is not None else None for t in on_device))
+        on_device = TrainBatch(
+            *(t.to(device, non_blocking=True) if isinstance(t, torch.Tensor) else t for t in on_device)
+        )
         batch_targets(on_device, relabel, 1000, None)
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -12,13 +12,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from test_data import build_store
 
-from trt_relabel.data import TrainBatch
+from trt_relabel.data import TrainBatch, TrainBatches, TrainTransform
 from trt_relabel.errors import RelabelError, UsageError
+from trt_relabel.images import list_images
 from trt_relabel.pooling import label_pooling
+from trt_relabel.store import LabelStore
 from trt_relabel.targets import CutMix, cutmix_relabel_targets, local_targets
 from trt_relabel.trainer import (
     Student,
@@ -216,7 +219,8 @@ def test_training_lowers_the_loss_and_resumes_exactly(image_folder, label_store,
     assert [m["epoch"] for m in metrics] == [1, 2] and metrics == first.metrics
     assert metrics[1]["train_loss"] < metrics[0]["train_loss"] - 0.1
     for m in metrics:
-        assert set(m) == {"epoch", "train_loss", "lr", "val_top1", "val_top5", "val_real", "img_per_s", "time"}
+        keys = {"epoch", "train_loss", "lr", "unreadable", "val_top1", "val_top5", "val_unreadable", "val_real"}
+        assert set(m) == keys | {"img_per_s", "time"} and m["unreadable"] == m["val_unreadable"] == 0
         assert 0 <= m["val_top1"] <= m["val_top5"] <= 100 and 0 <= m["val_real"] <= 100 and m["img_per_s"] > 0
     checkpoint = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
     assert checkpoint["epoch"] == 2 and checkpoint["config"]["model"] == "resnet18"
@@ -324,3 +328,37 @@ def test_cli_refuses_a_store_of_other_images(image_folder, label_store, tmp_path
     assert "\n" not in message and message.startswith("error:")
     assert "first difference at row 4: 'coffee/coffee.jpg' in the store, 'coffee/coffee_crop.jpeg'" in message
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_bad_images_are_skipped_and_counted(image_folder, label_store, tmp_path, one_thread, workers):
+    """Images damaged after labelling (an empty file, a cut JPEG) are left out of their batches and
+    counted in metrics.jsonl, in the loader process itself and in worker processes; the epoch and
+    its checkpoint are kept."""
+    data = tmp_path / "data"
+    shutil.copytree(image_folder, data)
+    (data / "cat" / "chelsea.jpg").write_bytes(b"")
+    cut = data / "coffee" / "coffee.jpg"
+    cut.write_bytes(cut.read_bytes()[:2000])
+    entries = list_images(data)
+    bad = [row for row, e in enumerate(entries) if e.path in ("cat/chelsea.jpg", "coffee/coffee.jpg")]
+    dataset = TrainBatches(data, entries, TrainTransform(32, (0, 0, 0), (1, 1, 1)), LabelStore(label_store))
+    good = [row for row in range(len(entries)) if row not in bad][:2]
+    batch = dataset[[good[0], bad[0], good[1]]]
+    assert batch.labels.tolist() == [entries[row].class_index for row in good]
+    assert np.array_equal(batch.values.numpy(), LabelStore(label_store).values[good])
+    assert batch.unreadable == (f"{data / 'cat/chelsea.jpg'}: empty file (0 bytes)",)
+
+    result = train(tiny_config(data, label_store, tmp_path / "run", epochs=1, val=data, workers=workers))
+    assert read_metrics(tmp_path / "run") == result.metrics
+    assert (result.metrics[0]["unreadable"], result.metrics[0]["val_unreadable"]) == (2, 2)
+    assert (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_a_batch_with_no_readable_image_stops_training(image_folder, label_store, tmp_path, one_thread):
+    data = tmp_path / "data"
+    shutil.copytree(image_folder, data)
+    for image in data.rglob("*.*"):
+        image.write_bytes(b"")
+    with pytest.raises(RelabelError, match=r"^every image of a batch of 4 is unreadable, e\.g\. .*: empty file"):
+        train(tiny_config(data, label_store, tmp_path / "run", epochs=1, workers=1))

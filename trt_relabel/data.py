@@ -41,6 +41,8 @@ class TrainBatch(NamedTuple):
     flipped: bool [B], whether the crop was mirrored (after cropping).
     values: float16 [B, k, h, w] and indices: int16 [B, k, h, w], the top-k label maps
     (None when the label mode does not read the store).
+    unreadable: "path: reason" of the batch's images that could not be decoded, left out of it
+    (B counts only the others; B = 0 when none was readable).
     """
 
     images: torch.Tensor
@@ -49,15 +51,17 @@ class TrainBatch(NamedTuple):
     flipped: torch.Tensor
     values: torch.Tensor | None
     indices: torch.Tensor | None
+    unreadable: tuple[str, ...] = ()
 
 
 class EvalBatch(NamedTuple):
     """images: float32 [B, 3, S, S]; labels: int64 [B]; positions: int64 [B], the images'
-    indices in the evaluated entry list."""
+    indices in the evaluated entry list; unreadable: as :attr:`TrainBatch.unreadable`."""
 
     images: torch.Tensor
     labels: torch.Tensor
     positions: torch.Tensor
+    unreadable: tuple[str, ...] = ()
 
 
 class TrainTransform:
@@ -129,11 +133,20 @@ class EvalTransform:
         return self.transform(img)
 
 
-def _load(root: Path, entry: ImageEntry) -> Image.Image:
-    try:
-        return load_rgb(root / entry.path)
-    except ImageLoadError as e:
-        raise RelabelError(f"{root / entry.path}: {e}") from None
+def load_readable(
+    root: Path, entries: Sequence[ImageEntry], positions: Sequence[int]
+) -> tuple[list[int], list[Image.Image], tuple[str, ...]]:
+    """Decode the images `entries[i]` for i in `positions` (:func:`load_rgb`): (the positions that
+    decoded, their RGB images, "path: reason" of each one that did not). A bad image (empty,
+    damaged after labelling, ...) is left out of its batch, never raised."""
+    readable, images, unreadable = [], [], []
+    for i in positions:
+        try:
+            images.append(load_rgb(root / entries[i].path))
+            readable.append(i)
+        except ImageLoadError as e:
+            unreadable.append(f"{root / entries[i].path}: {e}")
+    return readable, images, tuple(unreadable)
 
 
 class TrainBatches(Dataset):
@@ -165,18 +178,21 @@ class TrainBatches(Dataset):
         return len(self.entries)
 
     def __getitem__(self, rows: Sequence[int]) -> TrainBatch:
-        crops = [self.transform(_load(self.root, self.entries[row])) for row in rows]
-        images, boxes, flipped = zip(*crops, strict=True)
+        rows, pictures, unreadable = load_readable(self.root, self.entries, rows)
+        crops = [self.transform(picture) for picture in pictures]
+        size = self.transform.size
+        images = torch.stack([c[0] for c in crops]) if crops else torch.empty(0, 3, *size)
         values = indices = None
         if self.store_path is not None:
             values, indices = (torch.from_numpy(a) for a in self._open_store().gather(rows))
         return TrainBatch(
-            images=torch.stack(images),
+            images=images,
             labels=torch.tensor([self.entries[row].class_index for row in rows], dtype=torch.int64),
-            boxes=torch.from_numpy(np.stack(boxes)),
-            flipped=torch.tensor(flipped, dtype=torch.bool),
+            boxes=torch.from_numpy(np.stack([c[1] for c in crops]) if crops else np.empty((0, 4), np.float32)),
+            flipped=torch.tensor([c[2] for c in crops], dtype=torch.bool),
             values=values,
             indices=indices,
+            unreadable=unreadable,
         )
 
 
@@ -192,10 +208,13 @@ class EvalBatches(Dataset):
         return len(self.entries)
 
     def __getitem__(self, positions: Sequence[int]) -> EvalBatch:
+        positions, pictures, unreadable = load_readable(self.root, self.entries, positions)
+        images = [self.transform(picture) for picture in pictures]
         return EvalBatch(
-            images=torch.stack([self.transform(_load(self.root, self.entries[i])) for i in positions]),
+            images=torch.stack(images) if images else torch.empty(0),
             labels=torch.tensor([self.entries[i].class_index for i in positions], dtype=torch.int64),
-            positions=torch.tensor(list(positions), dtype=torch.int64),
+            positions=torch.tensor(positions, dtype=torch.int64),
+            unreadable=unreadable,
         )
 
 

@@ -37,6 +37,7 @@ from timm.data import resolve_data_config
 from torch import Tensor, nn
 
 from trt_relabel.data import (
+    EvalBatch,
     EvalBatches,
     EvalTransform,
     ShardedBatchSampler,
@@ -407,10 +408,13 @@ def _keep_metrics_until(path: Path, epoch: int) -> None:
 def evaluate(
     model: nn.Module, loader, process: Process, amp, channels_last: bool, real: list[list[int]] | None
 ) -> dict:
-    """Top-1 / top-5 (and ReaL) accuracy in percent over every process's shard of the loader."""
+    """Top-1 / top-5 (and ReaL) accuracy in percent over every process's shard of the loader, and
+    val_unreadable: the images left out because they could not be decoded."""
     model.eval()
-    counts = np.zeros(5)  # top1, top5, images, real correct, real images
+    counts = np.zeros(6)  # top1, top5, images, real correct, real images, unreadable images
     for batch in loader:
+        counts[5] += len(batch.unreadable)
+        _check_readable(batch)
         images = batch.images.to(process.device, non_blocking=True)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
@@ -422,9 +426,10 @@ def evaluate(
         if real is not None:
             for position, prediction in zip(batch.positions.tolist(), top5[:, 0].tolist(), strict=True):
                 if real[position]:
-                    counts[3:] += (prediction in real[position], 1)
-    top1, top5, total, real_hits, real_total = process.sum(counts.tolist())
+                    counts[3:5] += (prediction in real[position], 1)
+    top1, top5, total, real_hits, real_total, unreadable = process.sum(counts.tolist())
     metrics = {"val_top1": 100 * top1 / max(total, 1), "val_top5": 100 * top5 / max(total, 1)}
+    metrics["val_unreadable"] = int(unreadable)
     if real is not None:
         metrics["val_real"] = 100 * real_hits / max(real_total, 1)
     return metrics
@@ -555,19 +560,23 @@ def _train(config: TrainConfig, process: Process, console) -> TrainResult:
             generator.manual_seed(int(np.random.SeedSequence([config.seed, epoch, process.rank]).generate_state(1)[0]))
             task = progress.add_task(f"epoch {epoch + 1}/{config.epochs}", total=steps, rate=0.0, loss=float("nan"))
             started = time.perf_counter()
-            loss_sum, images_seen, last_lr, bad_step = _train_epoch(
+            loss_sum, images_seen, last_lr, bad_step, unreadable = _train_epoch(
                 student, loader, optimizer, scheduler, scaler, amp, config, num_classes, process, progress, task
             )
             if bad_step is not None:
                 raise _diverged(run_dir, checkpoint_path, epoch, bad_step)
             train_time = time.perf_counter() - started
             line = {"epoch": epoch + 1}
-            total_loss, total_steps, total_images = process.sum([loss_sum, steps, images_seen])
+            total_loss, total_steps, total_images, total_unreadable = process.sum(
+                [loss_sum, steps, images_seen, len(unreadable)]
+            )
             line["train_loss"] = total_loss / total_steps
             line["lr"] = last_lr
-            line.update({"val_top1": None, "val_top5": None})
+            line.update({"unreadable": int(total_unreadable), "val_top1": None, "val_top5": None})
+            line["val_unreadable"] = None
             if val_loader is not None:
                 line.update(evaluate(model, val_loader, process, amp, config.channels_last, real))
+            _warn_unreadable(console, line, unreadable)
             line["img_per_s"] = total_images / train_time
             line["time"] = time.perf_counter() - started
             rng = process.gather(_rng_state())
@@ -621,18 +630,40 @@ def _val_loader(config: TrainConfig, mean, std, batch_size: int, process: Proces
     ), real
 
 
+def _check_readable(batch: TrainBatch | EvalBatch) -> None:
+    """A one-line RelabelError when not one image of the batch could be decoded."""
+    if batch.unreadable and not len(batch.labels):
+        raise RelabelError(
+            f"every image of a batch of {len(batch.unreadable)} is unreadable, e.g. {batch.unreadable[0]}"
+        )
+
+
+def _warn_unreadable(console, line: dict, unreadable: list[str]) -> None:
+    """Report the images an epoch left out (counts of every process; the first of this one's)."""
+    if console is None or not (line["unreadable"] or line["val_unreadable"]):
+        return
+    example = f", e.g. {unreadable[0]}" if unreadable else ""
+    counts = f"{line['unreadable']} training images" + (
+        f" and {line['val_unreadable']} validation images" if line["val_unreadable"] else ""
+    )
+    console.print(Text(f"warning: epoch {line['epoch']} skipped {counts} that cannot be decoded{example}"))
+
+
 def _train_epoch(student, loader, optimizer, scheduler, scaler, amp, config, num_classes, process, progress, task):
     """One pass over the loader; returns (sum of the step losses, images seen, lr of the last step,
-    None) of this process. Stops early when the loss of any process is not finite (looked at
-    every LOSS_CHECK_STEPS steps and at the end, on every process at once); the last item is then
-    the first step (0-based) with a non-finite loss."""
+    None, "path: reason" of the images left out as unreadable) of this process. Stops early when
+    the loss of any process is not finite (looked at every LOSS_CHECK_STEPS steps and at the end, on
+    every process at once); the fourth item is then the first step (0-based) with a non-finite loss."""
     student.train()
     side_stream = torch.cuda.Stream(process.device) if process.device.type == "cuda" else None
     loss_sum = torch.zeros((), dtype=torch.float64, device=process.device)
     first_bad = torch.full((), -1, dtype=torch.int64, device=process.device)
     images_seen = 0
+    unreadable: list[str] = []
     started = time.perf_counter()
     for step, batch in enumerate(loader):
+        unreadable += batch.unreadable
+        _check_readable(batch)
         lr = optimizer.param_groups[0]["lr"]
         loss = train_step(student, batch, optimizer, scaler, amp, config, num_classes, process.device, side_stream)
         scheduler.step()
@@ -648,8 +679,8 @@ def _train_epoch(student, loader, optimizer, scheduler, scaler, amp, config, num
         progress.update(task, advance=1, **fields_)
     if not _finite_everywhere(loss_sum, process):
         bad = int(first_bad.item())
-        return loss_sum.item(), images_seen, lr, bad if bad >= 0 else step
-    return loss_sum.item(), images_seen, lr, None
+        return loss_sum.item(), images_seen, lr, bad if bad >= 0 else step, unreadable
+    return loss_sum.item(), images_seen, lr, None, unreadable
 
 
 def _finite_everywhere(loss_sum: Tensor, process: Process) -> bool:
@@ -668,8 +699,9 @@ def _diverged(run_dir: Path, checkpoint: Path, epoch: int, step: int) -> Relabel
     )
 
 
-def _move(tensor: Tensor | None, device: torch.device) -> Tensor | None:
-    return None if tensor is None else tensor.to(device, non_blocking=True)
+def _move(tensor: Tensor | object, device: torch.device) -> Tensor | object:
+    """A tensor on `device`; anything else (None, the unreadable names) as it is."""
+    return tensor.to(device, non_blocking=True) if isinstance(tensor, Tensor) else tensor
 
 
 def train_step(
