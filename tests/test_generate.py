@@ -7,6 +7,7 @@ import io
 import os
 import shutil
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -233,6 +234,61 @@ def _kill_once_labelling(process: subprocess.Popen, status_file: Path) -> int:
                 return labelled
         time.sleep(0.002)
     raise AssertionError(f"the run ended before labelling a row: {process.stderr.read().decode()[-2000:]}")
+
+
+#: `trt-relabel generate ARGS...` killed with SIGKILL at a moment: "building" (the new store is being
+#: preallocated beside --out) or "finishing" (errors.jsonl is being rewritten inside the store).
+DYING_GENERATE = """
+import os, signal, sys
+from trt_relabel import fileio, store
+from trt_relabel.cli import main
+
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+preallocate, write_atomic = store._preallocate, store.write_atomic
+
+def preallocate_or_die(path, *args):
+    preallocate(path, *args)
+    if moment == "building" and path.name == store.INDICES:
+        die()
+
+def write_or_die(path, data):
+    if moment == "finishing" and path.name == store.ERRORS:
+        with fileio.atomic_file(path) as f:
+            f.write(data.encode())
+            f.flush()
+            die()
+    write_atomic(path, data)
+
+moment = sys.argv.pop(1)
+store._preallocate, store.write_atomic = preallocate_or_die, write_or_die
+main()
+"""
+
+
+def test_the_next_run_removes_what_killed_runs_left(reference, image_folder, engines, tmp_path):
+    from test_fileio import leftovers, start_writer, stop
+
+    out = tmp_path / "store"
+    args = cli_args(image_folder, out, engines, "--workers", "0", "--batch-size", "12")
+    for moment, left in (("building", tmp_path), ("finishing", out)):
+        done = subprocess.run([sys.executable, "-c", DYING_GENERATE, moment, *args], capture_output=True, timeout=300)
+        assert done.returncode == -signal.SIGKILL, done.stderr.decode()[-3000:]
+        assert len(leftovers(left)) == 1, leftovers(left)  # the half-built store, then the errors.jsonl being written
+    assert leftovers(tmp_path) == []  # the second run removed the first one's half-built store
+    assert leftovers(out)[0].startswith(".errors.jsonl.")
+
+    live = start_writer(out / "manifest.json")  # a live process writing the manifest: its temporary stays
+    try:
+        result = label(image_folder, out, engines)
+        assert result.processed == 0 and result.complete
+        assert len(leftovers(out)) == 1 and leftovers(out)[0].startswith(
+            f".manifest.json.{socket.gethostname()}-{live.pid}-"
+        )
+    finally:
+        stop(live)
+    assert_same_store(out, reference)
 
 
 def test_torchrun_two_processes_equal_one(reference, image_folder, engines, tmp_path):

@@ -300,6 +300,42 @@ def test_training_stops_at_a_non_finite_loss_keeping_the_last_good_epoch(
     assert read_metrics(tmp_path / "new") == []
 
 
+#: `trt-relabel train ARGS...` killed with SIGKILL while it writes its first checkpoint.
+DYING_TRAIN = """
+import os, signal, sys
+from trt_relabel import trainer
+from trt_relabel.cli import main
+
+def save_and_die(path, state):
+    with trainer.atomic_file(path) as f:
+        f.write(b"half a checkpoint")
+        f.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+trainer._save_checkpoint = save_and_die
+main()
+"""
+
+
+def test_the_next_run_removes_the_checkpoint_a_killed_run_was_writing(image_folder, label_store, tmp_path, one_thread):
+    from test_fileio import leftovers, start_writer, stop
+
+    run = tmp_path / "run"
+    args = ["train", "--data", image_folder, "--labels", label_store, "--out", run, "--model", "resnet18",
+            "--image-size", "64", "--batch-size", "4", "--epochs", "1", "--workers", "0", "--lr", "0.05"]  # fmt: skip
+    command = [sys.executable, "-c", DYING_TRAIN, *map(str, args)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=SUBPROCESS_ENV)
+    assert done.returncode == -9, done.stderr[-3000:]
+    assert len(leftovers(run)) == 1 and leftovers(run)[0].startswith(".checkpoint.pt.")
+    live = start_writer(run / "checkpoint.pt")  # another process writing there now: its file stays
+    try:
+        train(tiny_config(image_folder, label_store, run, epochs=1, color_jitter=0.4))  # the same run
+        assert len(leftovers(run)) == 1 and f"-{live.pid}-" in leftovers(run)[0]
+    finally:
+        stop(live)
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["epoch"] == 1
+
+
 def test_torchrun_two_cpu_processes(image_folder, label_store, tmp_path):
     recipe = tmp_path / "tiny.toml"
     recipe.write_text('model = "resnet18"\nimage_size = 64\nbatch_size = 4\nlr = 0.05\nepochs = 5\nworkers = 0\n')

@@ -21,8 +21,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -32,7 +30,7 @@ from numpy.lib.format import open_memmap
 
 from trt_relabel import __version__
 from trt_relabel.errors import RelabelError
-from trt_relabel.fileio import umask, write_atomic
+from trt_relabel.fileio import remove_stale, temporary_dir, umask, write_atomic
 from trt_relabel.images import ImageEntry, first_difference
 
 FORMAT = "trt-relabel-store/1"
@@ -331,8 +329,7 @@ def _build(path: Path, spec: StoreSpec, samples: list[ImageEntry], extra: dict |
     """Write a complete new store in a temporary sibling directory, then rename it to `path`
     (atomic: concurrent creators and crashes never leave a half-built store at `path`)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.creating-"))
-    try:
+    with temporary_dir(path.parent, f".{path.name}.creating-") as tmp:
         shape = (len(samples), *spec.row_shape)
         _preallocate(tmp / VALUES, np.float16, shape)
         _preallocate(tmp / INDICES, np.int16, shape)
@@ -346,8 +343,15 @@ def _build(path: Path, spec: StoreSpec, samples: list[ImageEntry], extra: dict |
         except OSError as e:
             if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
                 raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _remove_leftovers(path: Path) -> None:
+    """Remove what killed writers of the store at `path` left: a half-built ``.NAME.creating-*``
+    beside it and temporaries of its files (see trt_relabel.fileio.remove_stale)."""
+    remove_stale(path.parent, f".{path.name}.creating-")
+    if path.is_dir():
+        for name in STORE_FILES:
+            remove_stale(path, f".{name}.", ".tmp")
 
 
 def _remove_store(path: Path) -> None:
@@ -384,6 +388,7 @@ def create_store(
         raise StoreError(f"{path}: cannot store the file name {with_newline!r} (it holds a newline)")
     matched = {name: value for name, value in asdict(spec).items() if name != "graph_sha256"}
     try:
+        _remove_leftovers(path)
         if overwrite and (path / MANIFEST).exists():
             _remove_store(path)
         if path.exists() and not path.is_dir():

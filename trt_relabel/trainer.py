@@ -51,7 +51,7 @@ from trt_relabel.data import (
     trainable_rows,
 )
 from trt_relabel.errors import RelabelError, UsageError
-from trt_relabel.fileio import atomic_file
+from trt_relabel.fileio import atomic_file, remove_stale
 from trt_relabel.store import LabelStore
 from trt_relabel.targets import (
     CutMix,
@@ -548,6 +548,7 @@ def _train(config: TrainConfig, process: Process, console) -> TrainResult:
         raise RelabelError(f"{run_dir}: already holds a run; pass --resume to continue it or choose another --out")
     if process.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale(run_dir, f".{CHECKPOINT}.", ".tmp")  # a checkpoint half-written by a killed run
         if config.resume:
             _keep_metrics_until(metrics_path, start_epoch)
         else:
