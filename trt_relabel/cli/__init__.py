@@ -7,6 +7,7 @@ the commands so that `trt-relabel --help` stays fast.
 from __future__ import annotations
 
 # Importing the command modules registers their commands on `app`.
+from trt_relabel.cli import audit as _audit  # noqa: F401,E402  audit
 from trt_relabel.cli import bench as _bench  # noqa: F401,E402  bench
 from trt_relabel.cli import engine as _engine  # noqa: F401,E402  teachers, build-engine
 from trt_relabel.cli import generate as _generate  # noqa: F401,E402  generate
