@@ -448,11 +448,13 @@ def build_page(
         ("mean present-set size", f"{sizes.mean():.2f}", "classes per image"),
     ]  # fmt: skip
     charts = [
-        _bucket_chart("rank of the folder class", table.label_rank[table.label >= 0], [1, 2, 3, 6, 11, 101],
-                      ["1", "2", "3-5", "6-10", "11-100", ">100"]),
         _bucket_chart("present-set size", sizes, [0, 1, 2, 3, 4, 5], ["0", "1", "2", "3", "4", "5+"]),
         _bucket_chart("objects per image", table.objects, [0, 1, 2, 3, 4], ["0", "1", "2", "3", "4+"]),
-    ]  # fmt: skip
+    ]
+    if s.num_with_class:
+        ranks = table.label_rank[table.label >= 0]
+        charts.insert(0, _bucket_chart("rank of the folder class", ranks, [1, 2, 3, 6, 11, 101],
+                                       ["1", "2", "3-5", "6-10", "11-100", ">100"]))  # fmt: skip
     return ReportPage(
         title=store.path.name,
         store=str(store.path),
