@@ -257,6 +257,26 @@ def test_audit_writes_csv_real_labels_and_report(rule_store, tmp_path):
     assert sorted(p.name for p in (out / "thumbs").iterdir()) == ["notes.txt"]
 
 
+def test_non_finite_rows_are_left_out(rule_store, tmp_path):
+    from test_store import poison
+
+    copy = tmp_path / "poisoned"
+    shutil.copytree(rule_store, copy)
+    poison(copy, {1: np.nan, 7: -np.inf})
+    clean, table = audit_table(LabelStore(rule_store)), audit_table(LabelStore(copy), chunk_rows=2)
+    assert table.rows.tolist() == [0, 2, 3, 4, 6] and table.nonfinite.tolist() == [1, 7]
+    kept = np.isin(clean.rows, table.rows)
+    np.testing.assert_array_equal(table.label_prob, clean.label_prob[kept])
+    assert [table.present(i) for i in range(5)] == [clean.present(i) for i in np.flatnonzero(kept)]
+
+    result = run_cli("audit", copy, "--out", tmp_path / "report")
+    assert result.returncode == 0, result.stderr
+    warning = [line for line in result.stderr.splitlines() if "non-finite" in line]
+    assert len(warning) == 1 and str(copy) in warning[0] and "2 labelled rows" in warning[0] and "row 1" in warning[0]
+    assert [line["row"] for line in read_csv(tmp_path / "report" / "audit.csv")] == ["4", "2", "3", "0", "6"]
+    assert json.loads((tmp_path / "report" / "labels.json").read_text()) == [[3], [], [3], [3, 6], [3], [], [3, 9], []]
+
+
 def test_cli_defaults_are_the_rules_defaults():
     from trt_relabel.cli.audit import audit_command
 

@@ -41,7 +41,7 @@ from trt_relabel.errors import RelabelError, UsageError
 from trt_relabel.fileio import atomic_file
 from trt_relabel.interop import ProgressCallback
 from trt_relabel.report import Chart, GalleryItem, ReportPage, write_report
-from trt_relabel.store import FAILED, LABELLED, PENDING, LabelStore
+from trt_relabel.store import FAILED, LABELLED, PENDING, LabelStore, nonfinite_rows
 from trt_relabel.visualize import FULL_BOX, soft_targets
 
 CSV_NAME, LABELS_NAME = "audit.csv", "labels.json"
@@ -73,7 +73,8 @@ class AuditRules:
 
 @dataclass
 class AuditTable:
-    """The audit of the labelled rows of a store, one entry per row in store order (n rows).
+    """The audit of the labelled rows of a store with finite scores, one entry per row in store order
+    (n rows; rows with a NaN or an infinity, from older versions or edits, are left out and listed).
 
     ``present_classes[present_offsets[i]:present_offsets[i + 1]]`` is row i's present set (most
     cells first) and ``present_cells`` the matching cell counts. Rows without a folder class have
@@ -94,6 +95,7 @@ class AuditTable:
     suspect: np.ndarray  # bool [n]
     multi_object: np.ndarray  # bool [n]
     label_present: np.ndarray  # bool [n]: folder class in the present set
+    nonfinite: np.ndarray  # int64: labelled store rows left out, their scores not finite (NaN or inf)
 
     def present(self, i: int) -> list[tuple[int, int]]:
         """Row i's present set as (class, cells), most cells first."""
@@ -217,28 +219,35 @@ def audit_table(
     the chunk, plus a few numbers per row). `progress` is called with (rows done, rows to do)."""
     rules = rules or AuditRules()
     rules.check()
-    rows = np.flatnonzero(store.status() == LABELLED)
-    if not len(rows):
-        raise RelabelError(f"{store.path}: no labelled rows to audit")
+    labelled = np.flatnonzero(store.status() == LABELLED)
     all_labels = np.fromiter((s.class_index for s in store.samples), np.int64, len(store))
-    chunks, pairs = [], []
-    for start in range(0, len(rows), chunk_rows):
-        chunk = rows[start : start + chunk_rows]
-        values, indices = store.gather(chunk)
-        fields, (pair_row, pair_class, pair_cells) = _audit_chunk(
-            values, indices, all_labels[chunk], rules, store.num_classes
-        )
-        chunks.append(fields)
-        pairs.append((pair_row + start, pair_class, pair_cells))
+    audited, left_out, chunks, pairs = [], [], [], []
+    for start in range(0, len(labelled), chunk_rows):
+        rows = labelled[start : start + chunk_rows]
+        values, indices = store.gather(rows)
+        finite = ~nonfinite_rows(values)
+        left_out.append(rows[~finite])
+        rows, values, indices = rows[finite], values[finite], indices[finite]
+        if len(rows):
+            fields, (pair_row, pair_class, pair_cells) = _audit_chunk(
+                values, indices, all_labels[rows], rules, store.num_classes
+            )
+            chunks.append(fields)
+            pairs.append((pair_row + sum(map(len, audited)), pair_class, pair_cells))
+            audited.append(rows)
         if progress:
-            progress(start + len(chunk), len(rows))
+            progress(start + len(finite), len(labelled))
+    if not audited:
+        raise RelabelError(f"{store.path}: no labelled rows with finite scores to audit")
+    rows = np.concatenate(audited)
     pair_row, pair_class, pair_cells = (np.concatenate(parts) for parts in zip(*pairs, strict=True))
     offsets = np.zeros(len(rows) + 1, np.int64)
     np.cumsum(np.bincount(pair_row, minlength=len(rows)), out=offsets[1:])
     merged = {name: np.concatenate([c[name] for c in chunks]) for name in chunks[0]}
     return AuditTable(
-        rows=rows, present_offsets=offsets, present_classes=pair_class, present_cells=pair_cells, **merged
-    )
+        rows=rows, present_offsets=offsets, present_classes=pair_class, present_cells=pair_cells,
+        nonfinite=np.concatenate(left_out), **merged,
+    )  # fmt: skip
 
 
 def error_order(table: AuditTable) -> np.ndarray:
@@ -295,7 +304,8 @@ def write_real_labels(table: AuditTable, num_rows: int, path: Path) -> None:
 
 @dataclass(frozen=True)
 class AuditSummary:
-    """The headline numbers of an audit and the files written."""
+    """The headline numbers of an audit and the files written (`num_labelled`: the rows audited,
+    labelled with finite scores)."""
 
     store: str
     out: str
@@ -303,6 +313,8 @@ class AuditSummary:
     num_labelled: int
     num_failed: int
     num_pending: int
+    num_nonfinite: int  # labelled rows left out: scores not finite
+    first_nonfinite: int | None  # the first of those rows
     num_with_class: int
     num_agree: int  # teacher top-1 == folder class
     num_label_present: int  # folder class in the present set
@@ -324,6 +336,8 @@ def summarise(store: LabelStore, table: AuditTable, out: Path, rules: AuditRules
         num_labelled=len(table.rows),
         num_failed=int((status == FAILED).sum()),
         num_pending=int((status == PENDING).sum()),
+        num_nonfinite=len(table.nonfinite),
+        first_nonfinite=int(table.nonfinite[0]) if len(table.nonfinite) else None,
         num_with_class=int(with_class.sum()),
         num_agree=int((table.top1 == table.label)[with_class].sum()),
         num_label_present=int(table.label_present.sum()),
@@ -438,7 +452,8 @@ def build_page(
     suspects = error_order(table)
     cards = [
         ("images", f"{s.num_samples:,}", f"{s.num_labelled:,} labelled, {s.num_failed:,} failed, "
-                   f"{s.num_pending:,} pending"),
+                   f"{s.num_pending:,} pending" + (f", {s.num_nonfinite:,} left out (scores not finite)"
+                                                   if s.num_nonfinite else "")),
         ("with a folder class", f"{s.num_with_class:,}", _share(s.num_with_class, s.num_labelled) + " of the labelled"),
         ("teacher top-1 = folder class", _share(s.num_agree, s.num_with_class), f"{s.num_agree:,} images"),
         ("folder class present", _share(s.num_label_present, s.num_with_class), f"{s.num_label_present:,} images"),

@@ -60,6 +60,12 @@ def audit_command(
     rules = AuditRules(present_cells, present_prob, alternative_share, object_cells, suspect_rank)
     with _progress("auditing") as progress:
         summary = audit(store, out, data=data, top=top, rules=rules, progress=progress)
+    if summary.num_nonfinite:
+        warning = (
+            f"warning: {summary.store}: {summary.num_nonfinite} labelled rows hold non-finite scores (NaN or inf) "
+            f"and are left out (first: row {summary.first_nonfinite})"
+        )
+        console.print(Text(warning, style="yellow"))
     console.print(_summary_table(summary))
     console.print(Text.assemble("report: ", str(Path(summary.out) / "index.html")))
 
