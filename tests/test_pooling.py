@@ -7,7 +7,7 @@ import torch
 from torchvision.ops import roi_align
 from torchvision.transforms import RandomResizedCrop
 
-from trt_relabel.pooling import label_pooling, soft_target
+from trt_relabel.pooling import label_pooling, pooled_entries, soft_target
 
 # (x1, y1, x2, y2), normalised: the whole image, corners, edges, a tiny box, a point, a box inside
 # one cell, thin boxes, an inverted box (RoI size clamped to 1) and boxes reaching past the image
@@ -162,6 +162,30 @@ def test_strided_inputs_agree_with_contiguous_ones(box_order):
     assert torch.equal(pooled, expected)
 
 
+@pytest.mark.parametrize("box_order", ["xyxy", "reference"])
+@pytest.mark.parametrize("output_size", [1, 7, (2, 3)])
+def test_flipped_boxes_mirror_the_output_bins_exactly(box_order, output_size):
+    values, indices = random_top_k(16, 5, 15, 15, 100, seed=9)
+    boxes = sample_boxes(16, seed=9)
+    flipped = torch.arange(16) % 3 == 0
+    pooled = label_pooling(values, indices, boxes, 100, output_size, box_order)
+    mirrored = pooled if output_size == 1 else torch.where(flipped[:, None, None, None], pooled.flip(-1), pooled)
+    assert torch.equal(label_pooling(values, indices, boxes, 100, output_size, box_order, flipped), mirrored)
+
+
+@pytest.mark.parametrize("output_size", [1, 7])
+def test_pooled_entries_add_up_to_label_pooling(output_size):
+    values, indices = random_top_k(16, 5, 15, 15, 100, seed=10)
+    boxes = sample_boxes(16, seed=10)
+    classes, scores = pooled_entries(values, indices, boxes, 100, output_size)
+    bins = output_size * output_size
+    assert classes.shape == scores.shape and classes.shape[:2] == (16, bins)
+    assert classes.shape[2] < 5 * 15 * 15 or output_size == 1  # a small bin reaches a band of cells
+    added = torch.zeros(16, bins, 100).scatter_add_(2, classes, scores)
+    pooled = label_pooling(values, indices, boxes, 100, output_size)
+    assert torch.equal(added.permute(0, 2, 1).reshape(pooled.shape), pooled)
+
+
 def test_gradient_flows_to_values_as_through_roi_align():
     values, indices = random_top_k(4, 5, 7, 9, 50, seed=5)
     boxes = random_boxes(4, seed=5)
@@ -203,6 +227,8 @@ BOXES = torch.tensor([[0.1, 0.1, 0.5, 0.5], [0.0, 0.2, 1.0, 0.9]])
         ({"output_size": (2, 2, 2)}, r"output_size must be a positive int or a pair"),
         ({"output_size": 1.0}, r"output_size must be a positive int or a pair"),
         ({"box_order": "yxyx"}, r"box_order must be one of \('xyxy', 'reference'\), got 'yxyx'"),
+        ({"flipped": torch.tensor([1, 0])}, r"flipped must be a bool tensor \[B\] = \[2\], got torch.int64 \(2,\)"),
+        ({"flipped": torch.tensor([True])}, r"flipped must be a bool tensor \[B\] = \[2\]"),
     ],
 )
 def test_bad_arguments_raise_clear_errors(arguments, message):

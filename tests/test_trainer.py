@@ -22,7 +22,7 @@ from trt_relabel.errors import RelabelError, UsageError
 from trt_relabel.images import list_images
 from trt_relabel.pooling import label_pooling
 from trt_relabel.store import LabelStore
-from trt_relabel.targets import CutMix, cutmix_relabel_targets, local_targets
+from trt_relabel.targets import CutMix, cutmix_relabel_targets, local_targets, soft_cross_entropy
 from trt_relabel.trainer import (
     Student,
     TrainConfig,
@@ -145,13 +145,39 @@ def test_label_mode_targets():
 def test_local_targets_follow_the_flip():
     values, indices = column_maps([list(range(8))] * 2)
     boxes = torch.tensor([[0.0, 0.0, 1.0, 1.0]] * 2)
-    cells = local_targets(values, indices, boxes, torch.tensor([False, True]), 10, 2)
+    cells = local_targets(values, indices, boxes, torch.tensor([False, True]), 10, 2).dense()
     assert cells.shape == (2, 10, 2, 2)
     left, right = logits_to_target(c0=1, c1=1, c2=1, c3=1), logits_to_target(c4=1, c5=1, c6=1, c7=1)
     torch.testing.assert_close(cells[0, :, 1, 0], left)
     torch.testing.assert_close(cells[0, :, 0, 1], right)
     torch.testing.assert_close(cells[1, :, 0, 0], right)  # mirrored: the left cell shows the right half
     torch.testing.assert_close(cells[1, :, 1, 1], left)
+
+
+@pytest.mark.parametrize("with_cutmix", [False, True])
+def test_local_targets_equal_the_mirrored_dense_softmax(with_cutmix):
+    """Flipped boxes give the targets of softmax(label_pooling(..., S)) mirrored along x (and
+    mixed by cell coverage under CutMix), and the loss from the sparse targets is the dense one."""
+    generator = torch.Generator().manual_seed(0)
+    values = 4 * torch.randn(8, 5, 15, 15, generator=generator)
+    indices = torch.rand(8, 100, 15, 15, generator=generator).topk(5, dim=1).indices.to(torch.int16)
+    values[1, :, :, :2] = 0.0  # scores of 0 add nothing
+    corners = torch.rand(8, 2, 2, generator=generator).sort(dim=1).values
+    boxes = torch.cat([torch.tensor([[0.0, 0.0, 1.0, 1.0], [-0.2, 0.1, 0.3, 0.4]]), corners.mT.reshape(8, 4)[2:]])
+    flipped = torch.tensor([True, False, True, True, False, False, True, False])
+    cutmix = CutMix(torch.randperm(8, generator=generator), (20, 10, 50, 64), 64) if with_cutmix else None
+
+    cells = local_targets(values, indices, boxes, flipped, 100, 7, cutmix)
+
+    # the softmax in float64: a float32 one over all 100 classes rounds more than the sparse one
+    expected = label_pooling(values, indices, boxes, 100, output_size=7).double().softmax(1).float()
+    expected = torch.where(flipped[:, None, None, None], expected.flip(3), expected)
+    if cutmix is not None:
+        cover = cutmix.cell_coverage(7)
+        expected = (1 - cover) * expected + cover * expected[cutmix.perm]
+    torch.testing.assert_close(cells.dense(), expected, atol=1e-7, rtol=1e-6)
+    logits = torch.randn(8, 100, 7, 7, generator=generator)
+    torch.testing.assert_close(cells.cross_entropy(logits), soft_cross_entropy(logits, expected))
 
 
 def test_cell_logits_are_the_classifier_on_pooled_features(one_thread):

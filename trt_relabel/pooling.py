@@ -4,13 +4,14 @@ ReLabel (Yun et al., CVPR 2021) stores, per image, the top-k classes of a teache
 [C, h, w] and trains on ``softmax(roi_align(dense_map, crop_box))``. :func:`label_pooling` gives
 exactly that RoIAlign, computed from the top-k entries alone: RoIAlign is separable, so each box
 becomes a per-bin weight over the map's rows and one over its columns (roi_align's sampling
-rules, computed in closed form); every top-k entry is multiplied by the weight of its cell and
-added into its class.
+rules, computed in closed form); every top-k entry of the band of cells that weigh in a bin is
+multiplied by the weight of its cell and added into its class.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 BOX_ORDERS = ("xyxy", "reference")
@@ -23,6 +24,7 @@ def label_pooling(
     num_classes: int,
     output_size: int | tuple[int, int] = 1,
     box_order: str = "xyxy",
+    flipped: Tensor | None = None,
 ) -> Tensor:
     """Pool a top-k label map over one box per image, exactly as RoIAlign on the dense map.
 
@@ -30,7 +32,7 @@ def label_pooling(
     sampling_ratio=-1, aligned=False)``, where ``dense`` [B, num_classes, h, w] holds ``values``
     at ``indices`` and zeros elsewhere, and ``rois`` are the boxes in the map's cell frame (see
     ``box_order``), both in the compute dtype. The dense map is never built: the work grows with
-    B * k * h * w * sh * sw, not with num_classes * h * w.
+    B * k * sh * sw * (the map cells one output bin reaches), not with num_classes * h * w.
 
     Args:
         values (Tensor[B, k, h, w], any float dtype): top-k scores (logits) of every map cell.
@@ -55,29 +57,57 @@ def label_pooling(
               roi_align reads (x1, y1, x2, y2):
               ``(y1 * w - 0.5, x1 * w - 0.5, y2 * w - 0.5, x2 * w - 0.5)``. It pools the crop
               mirrored about the diagonal; use it only to reproduce the official targets.
+        flipped (Tensor[B], bool, optional): boxes whose output bins are mirrored along x (bin
+            column j holds what column sw - 1 - j would), as the targets of a horizontally flipped
+            crop: ``label_pooling(..., flipped=f)`` equals the unflipped result with
+            ``.flip(-1)`` applied to the rows where ``f`` (unchanged for output size 1), at no
+            extra cost.
 
     Returns:
         Tensor[B, C] float32 (float64 for float64 ``values``): the pooled scores, before
         softmax, if ``output_size`` is the int 1; otherwise Tensor[B, C, sh, sw] (in
         ``torch.channels_last`` memory format).
     """
-    out_h, out_w = _check_inputs(values, indices, boxes, num_classes, output_size, box_order)
-    dtype = torch.float64 if values.dtype == torch.float64 else torch.float32
-    batch, ranks, height, width = values.shape
-    bins, cells = out_h * out_w, height * width
-    # [B, sh * sw, h * w]: the weight of every cell in every output bin.
-    cell_weights = _cell_weights(boxes.detach().to(values.device, dtype), height, width, out_h, out_w, box_order)
-
-    # Every top-k score times its cell's weight in every bin, added into its class: one rank at a
-    # time, which keeps the temporaries small ([B, sh * sw, h * w]).
-    pooled = values.new_zeros(batch, bins, num_classes, dtype=dtype)
-    rank_values = values.to(dtype).reshape(batch, ranks, 1, cells).unbind(1)
-    rank_indices = indices.to(torch.int64).reshape(batch, ranks, 1, cells).unbind(1)
-    for scores, classes in zip(rank_values, rank_indices, strict=True):
-        pooled.scatter_add_(2, classes.expand(batch, bins, cells), scores * cell_weights)
+    classes, scores = pooled_entries(values, indices, boxes, num_classes, output_size, box_order, flipped)
+    batch, bins, _ = classes.shape
+    pooled = scores.new_zeros(batch, bins, num_classes).scatter_add_(2, classes, scores)
     if output_size == 1:
         return pooled.view(batch, num_classes)
-    return pooled.permute(0, 2, 1).unflatten(2, (out_h, out_w))
+    return pooled.permute(0, 2, 1).unflatten(2, _check_output_size(output_size))
+
+
+def pooled_entries(
+    values: Tensor,
+    indices: Tensor,
+    boxes: Tensor,
+    num_classes: int,
+    output_size: int | tuple[int, int] = 1,
+    box_order: str = "xyxy",
+    flipped: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The terms that :func:`label_pooling` adds up, per output bin: each top-k score of a map cell
+    that weighs in the bin, times its weight.
+
+    Arguments as for :func:`label_pooling`. Returns (classes int64 [B, sh * sw, E], scores
+    [B, sh * sw, E] in the compute dtype), bins in row-major order: ``label_pooling(...)`` of bin
+    n and class c is the sum, in the order of e, of ``scores[:, n, e]`` over the entries e with
+    ``classes[:, n, e] == c``. E = k * (the cells of the widest band of weighted cells of any bin),
+    so a small bin has few entries; entries of cells that weigh nothing in a bin have score 0.
+    """
+    _check_inputs(values, indices, boxes, num_classes, box_order, flipped)
+    out_h, out_w = _check_output_size(output_size)
+    dtype = torch.float64 if values.dtype == torch.float64 else torch.float32
+    batch, ranks, height, width = values.shape
+    boxes = boxes.detach().to(values.device, dtype)
+    if flipped is not None:
+        flipped = flipped.to(values.device)
+    cells, weights = _bin_cells(boxes, height, width, out_h, out_w, box_order, flipped)  # [B, bins, L]
+    # Entries of a bin run over the ranks, then the band's rows, then its columns.
+    rank_offsets = torch.arange(0, ranks * height * width, height * width, device=values.device)
+    flat = (cells[:, :, None, :] + rank_offsets[:, None]).view(batch, -1)  # [B, bins * k * L]
+    scores = values.to(dtype).reshape(batch, -1).gather(1, flat).view(*cells.shape[:2], ranks, -1)
+    classes = indices.reshape(batch, -1).gather(1, flat).view(batch, out_h * out_w, -1).to(torch.int64)
+    return classes, (scores * weights[:, :, None, :]).view_as(classes)
 
 
 def soft_target(pooled: Tensor) -> Tensor:
@@ -100,10 +130,10 @@ def _check_inputs(
     indices: Tensor,
     boxes: Tensor,
     num_classes: int,
-    output_size: int | tuple[int, int],
     box_order: str,
-) -> tuple[int, int]:
-    """Raise ValueError for unusable arguments; return the output size as (sh, sw)."""
+    flipped: Tensor | None,
+) -> None:
+    """Raise ValueError for unusable arguments (but the output size)."""
     if values.dim() != 4 or not values.is_floating_point() or 0 in values.shape:
         raise ValueError(
             f"values must be a non-empty float tensor [B, k, h, w], got {values.dtype} {tuple(values.shape)}"
@@ -117,10 +147,21 @@ def _check_inputs(
         raise ValueError(f"indices must be integers on {values.device}, got {indices.dtype} on {indices.device}")
     if boxes.shape != (values.shape[0], 4):
         raise ValueError(f"boxes must be [B, 4] = [{values.shape[0]}, 4], got {tuple(boxes.shape)}")
+    if flipped is not None and (flipped.shape != (values.shape[0],) or flipped.dtype != torch.bool):
+        raise ValueError(
+            f"flipped must be a bool tensor [B] = [{values.shape[0]}], got {flipped.dtype} {tuple(flipped.shape)}"
+        )
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
     if box_order not in BOX_ORDERS:
         raise ValueError(f"box_order must be one of {BOX_ORDERS}, got {box_order!r}")
+    low, high = (int(bound) for bound in torch.aminmax(indices))
+    if low < 0 or high >= num_classes:
+        raise ValueError(f"indices must lie in [0, {num_classes}), got values in [{low}, {high}]")
+
+
+def _check_output_size(output_size: int | tuple[int, int]) -> tuple[int, int]:
+    """(sh, sw) of an output size; ValueError for an unusable one."""
     size = (output_size, output_size) if isinstance(output_size, int) else output_size
     if not (
         isinstance(size, (tuple, list))
@@ -128,15 +169,16 @@ def _check_inputs(
         and all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in size)
     ):
         raise ValueError(f"output_size must be a positive int or a pair of them, got {output_size!r}")
-    low, high = (int(bound) for bound in torch.aminmax(indices))
-    if low < 0 or high >= num_classes:
-        raise ValueError(f"indices must lie in [0, {num_classes}), got values in [{low}, {high}]")
-    return size
+    return tuple(size)
 
 
-def _cell_weights(boxes: Tensor, height: int, width: int, out_h: int, out_w: int, box_order: str) -> Tensor:
-    """[B, 4] normalised boxes -> [B, sh * sw, h * w]: the weight of every map cell in every output
-    bin, the product of a row's and a column's weight (RoI frame per ``box_order``)."""
+def _bin_cells(
+    boxes: Tensor, height: int, width: int, out_h: int, out_w: int, box_order: str, flipped: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """[B, 4] normalised boxes -> (cells int64 [B, sh * sw, L], weights [B, sh * sw, L]): for every
+    output bin, the map cells (y * w + x) of a band of Ly rows by Lx columns around the cells that
+    weigh in it, and their weights (a row's times a column's; RoI frame per ``box_order``).
+    Flipped boxes take their column bins in reverse order."""
     if box_order == "xyxy":
         cell_boxes = boxes * boxes.new_tensor([width, height, width, height]) - 0.5
     else:
@@ -148,8 +190,27 @@ def _cell_weights(boxes: Tensor, height: int, width: int, out_h: int, out_w: int
     else:
         weight_x = _axis_weights(start[:, 0], end[:, 0], width, out_w)  # [B, sw, w]
         weight_y = _axis_weights(start[:, 1], end[:, 1], height, out_h)  # [B, sh, h]
-    cell_weights = weight_y[:, :, None, :, None] * weight_x[:, None, :, None, :]  # [B, sh, sw, h, w]
-    return cell_weights.reshape(batch, out_h * out_w, height * width)
+    if flipped is not None:
+        weight_x = torch.where(flipped[:, None, None], weight_x.flip(1), weight_x)
+    rows, row_weights = _band(weight_y)  # [B, sh, Ly]
+    columns, column_weights = _band(weight_x)  # [B, sw, Lx]
+    cells = rows[:, :, None, :, None] * width + columns[:, None, :, None, :]  # [B, sh, sw, Ly, Lx]
+    weights = row_weights[:, :, None, :, None] * column_weights[:, None, :, None, :]
+    return cells.view(batch, out_h * out_w, -1), weights.view(batch, out_h * out_w, -1)
+
+
+def _band(weights: Tensor) -> tuple[Tensor, Tensor]:
+    """Weights of the cells of an axis in each bin [B, bins, length] -> (cells int64 [B, bins, L],
+    their weights [B, bins, L]): L consecutive cells from each bin's first weighted cell, L the
+    widest span of weighted cells of any bin; cells past the end become the last cell, weighing 0."""
+    length = weights.shape[-1]
+    weighted = weights != 0
+    first = weighted.to(torch.uint8).argmax(-1)  # argmax gives the first maximum
+    last = length - 1 - weighted.flip(-1).to(torch.uint8).argmax(-1)
+    span = int(torch.where(weighted.any(-1), last - first, 0).max()) + 1
+    cells = first[..., None] + torch.arange(span, device=weights.device)
+    band_weights = F.pad(weights, (0, span)).gather(-1, cells)
+    return cells.clamp_(max=length - 1), band_weights
 
 
 def _axis_weights(start: Tensor, end: Tensor, length: int, bins: int) -> Tensor:

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from trt_relabel.pooling import label_pooling, soft_target
+from trt_relabel.pooling import label_pooling, pooled_entries, soft_target
 
 
 def soft_cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
@@ -147,6 +147,47 @@ def cutmix_relabel_targets(
     return kept * soft_target(visible) + (1.0 - kept) * soft_target(pooled[4 * batch :])
 
 
+@dataclass(frozen=True)
+class CellTargets:
+    """Per-cell soft targets t [B, C, S, S] held sparsely (a cell's classes outside the top-k of the
+    map cells it covers all share one value): t[b, c, i, j] = base[b, i, j] + the sum of
+    weights[b, e, i, j] over the entries e with classes[b, e, i, j] == c (entries of weight 0
+    may hold any class)."""
+
+    base: Tensor  # float32 [B, S, S]
+    classes: Tensor  # int64 [B, E, S, S]
+    weights: Tensor  # float32 [B, E, S, S]
+    num_classes: int
+
+    def dense(self) -> Tensor:
+        """The targets as one float32 tensor [B, C, S, S]."""
+        targets = self.base[:, None].repeat(1, self.num_classes, 1, 1)
+        return targets.scatter_add_(1, self.classes, self.weights)
+
+    def cross_entropy(self, logits: Tensor) -> Tensor:
+        """soft_cross_entropy(logits, self.dense()) without the dense targets: the mean over
+        samples and cells of -sum_c t * log_softmax(logits), logits float [B, C, S, S]."""
+        log_probs = F.log_softmax(logits, dim=1)
+        entries = (self.weights * log_probs.gather(1, self.classes)).sum(1)
+        return -(self.base * log_probs.sum(1) + entries).mean()
+
+    def record_stream(self, stream: torch.cuda.Stream) -> None:
+        """Tensor.record_stream of each tensor: they are used on `stream` too."""
+        for tensor in (self.base, self.classes, self.weights):
+            tensor.record_stream(stream)
+
+    def mix(self, cover: Tensor, perm: Tensor) -> CellTargets:
+        """(1 - cover) * self + cover * self[perm]: cover [S, S] (or [B, S, S]) in [0, 1], perm
+        int64 [B]."""
+        keep = 1.0 - cover
+        return CellTargets(
+            keep * self.base + cover * self.base[perm],
+            torch.cat([self.classes, self.classes[perm]], 1),
+            torch.cat([keep * self.weights, cover * self.weights[perm]], 1),
+            self.num_classes,
+        )
+
+
 def local_targets(
     values: Tensor,
     indices: Tensor,
@@ -155,14 +196,46 @@ def local_targets(
     num_classes: int,
     cells: int,
     cutmix: CutMix | None = None,
-) -> Tensor:
-    """Per-cell soft targets float32 [B, C, S, S] of the S x S cells of each output crop:
-    softmax over classes of label_pooling(..., output_size=S), mirrored along x where the crop
-    was flipped; under CutMix each cell mixes its own and its pasted neighbour's target by the
-    fraction of the cell the rectangle covers."""
-    targets = soft_target(label_pooling(values, indices, boxes, num_classes, output_size=cells))
-    targets = torch.where(flipped.to(targets.device)[:, None, None, None], targets.flip(3), targets)
+) -> CellTargets:
+    """Per-cell soft targets of the S x S cells of each output crop: softmax over classes of
+    label_pooling(..., output_size=S), its column bins mirrored where the crop was flipped; under
+    CutMix each cell mixes its own and its pasted neighbour's target by the fraction of the cell
+    the rectangle covers. Computed from the pooled entries of each cell (a few dozen), never
+    over all C classes."""
+    classes, scores = pooled_entries(values, indices, boxes, num_classes, cells, flipped=flipped)
+    base, classes, weights = sparse_softmax(classes, scores, num_classes)  # [B, S * S], [B, S * S, E]
+    batch = len(base)
+    targets = CellTargets(
+        base.view(batch, cells, cells),
+        classes.view(batch, cells, cells, -1).permute(0, 3, 1, 2),
+        weights.view(batch, cells, cells, -1).permute(0, 3, 1, 2),
+        num_classes,
+    )
     if cutmix is None:
         return targets
-    cover = cutmix.cell_coverage(cells, targets.device)
-    return (1.0 - cover) * targets + cover * targets[cutmix.perm]
+    return targets.mix(cutmix.cell_coverage(cells, base.device), cutmix.perm)
+
+
+def sparse_softmax(classes: Tensor, scores: Tensor, num_classes: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Softmax over C classes of vectors given as entries (classes int64 [..., E], scores [..., E]:
+    vector[c] = the sum of the scores of the entries of class c, 0 for classes without one) ->
+    (base [...], classes int64 [..., E], weights [..., E]): softmax[c] = base + the weights of
+    the entries of class c. Each class keeps one entry (the others weigh 0). The softmax of the
+    dense vectors (whose entries are added in the order of E), up to rounding."""
+    classes = classes.masked_fill(scores == 0, num_classes)  # adds nothing: as an absent class
+    classes, order = classes.sort(dim=-1, stable=True)
+    scores = scores.gather(-1, order)
+    first = torch.ones_like(classes, dtype=torch.bool)  # the first entry of each class
+    first[..., 1:] = classes[..., 1:] != classes[..., :-1]
+    group = first.cumsum(-1) - 1
+    pooled = torch.zeros_like(scores).scatter_add_(-1, group, scores).gather(-1, group)  # its class's sum
+    kept = first & (classes < num_classes)
+    absent = num_classes - kept.sum(-1)  # classes at 0
+    peak = pooled.masked_fill(~kept, -math.inf).amax(-1)
+    shift = torch.where(absent > 0, peak.clamp(min=0), peak)  # the largest of all C
+    exp = (pooled - shift[..., None]).exp_().masked_fill_(~kept, 0)
+    rest = (-shift).exp_()
+    total = exp.sum(-1) + absent * rest
+    base = rest / total
+    weights = (exp / total[..., None] - base[..., None]).masked_fill_(~kept, 0)
+    return base, classes.masked_fill(~kept, 0), weights

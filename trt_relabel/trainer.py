@@ -54,6 +54,7 @@ from trt_relabel.errors import RelabelError, UsageError
 from trt_relabel.fileio import atomic_file, remove_stale
 from trt_relabel.store import LabelStore
 from trt_relabel.targets import (
+    CellTargets,
     CutMix,
     class_targets,
     cutmix_relabel_targets,
@@ -216,8 +217,8 @@ class TrainResult:
 
 def batch_targets(
     batch: TrainBatch, config: TrainConfig, num_classes: int, cutmix: CutMix | None
-) -> tuple[Tensor, Tensor | None]:
-    """(targets float32 [B, C], local targets float32 [B, C, S, S] or None) of a batch on the
+) -> tuple[Tensor, CellTargets | None]:
+    """(targets float32 [B, C], local targets (CellTargets of [B, C, S, S]) or None) of a batch on the
     training device, for the config's label mode, CutMix draw and local_labels."""
     parts = []
     if config.label_mode != "relabel":
@@ -735,9 +736,11 @@ def train_step(
     if side_stream is not None:
         main = torch.cuda.current_stream(device)
         main.wait_stream(side_stream)
-        for tensor in (images, targets, cell_targets, cutmix.perm if cutmix is not None else None):
+        for tensor in (images, targets, cutmix.perm if cutmix is not None else None):
             if tensor is not None:
                 tensor.record_stream(main)
+        if cell_targets is not None:
+            cell_targets.record_stream(main)
     if cutmix is not None:
         images = cutmix.paste(images)
     if config.channels_last:
@@ -746,7 +749,7 @@ def train_step(
         logits, cell_logits = student(images)
     loss = soft_cross_entropy(logits.float(), targets)
     if cell_targets is not None:
-        loss = loss + config.local_weight * soft_cross_entropy(cell_logits.float(), cell_targets)
+        loss = loss + config.local_weight * cell_targets.cross_entropy(cell_logits.float())
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.step(optimizer)
