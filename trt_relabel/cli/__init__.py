@@ -11,7 +11,7 @@ from trt_relabel.cli import audit as _audit  # noqa: F401,E402  audit
 from trt_relabel.cli import bench as _bench  # noqa: F401,E402  bench
 from trt_relabel.cli import engine as _engine  # noqa: F401,E402  teachers, build-engine
 from trt_relabel.cli import generate as _generate  # noqa: F401,E402  generate
-from trt_relabel.cli import interop as _interop  # noqa: F401,E402  import/export-relabel, merge, show, stats
+from trt_relabel.cli import interop as _interop  # noqa: F401,E402  import/export-relabel, merge, join, show, stats
 from trt_relabel.cli import samples as _samples  # noqa: F401,E402  sample-images
 from trt_relabel.cli import train as _train  # noqa: F401,E402  train
 from trt_relabel.cli._app import app, main

@@ -1,5 +1,5 @@
-"""`import-relabel`, `export-relabel`, `merge`, `show` and `stats`: the official ReLabel maps,
-teacher ensembles and a look inside a label store."""
+"""`import-relabel`, `export-relabel`, `merge`, `join`, `show` and `stats`: the official ReLabel
+maps, teacher ensembles, the stores of shards on separate machines and a look inside a store."""
 
 from __future__ import annotations
 
@@ -131,6 +131,34 @@ def merge_command(
     console.print(
         f"{summary.store}: {summary.merged} rows merged now, {summary.failed} failed of {summary.num_samples}"
     )
+
+
+@app.command("join")
+def join_command(
+    parts: Annotated[list[Path], typer.Argument(help="The stores of `generate --shard I/N` jobs (two or more).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Joined label store (created, or filled where pending).")],
+    overwrite: OverwriteOpt = False,
+) -> None:
+    """Join the stores of `generate --shard I/N` jobs run on machines without a shared filesystem
+    into one store: every row from the part that labelled it, byte for byte what one process
+    would have written.
+
+    The parts must come from the same teacher, graph and input list. Rows no part labelled stay
+    pending (label them by resuming with `generate`). Exit code 1 when some rows failed (listed in
+    the store's errors.jsonl) or are still pending.
+    """
+    from trt_relabel.join import join_stores
+
+    with _progress("joining") as progress:
+        summary = join_stores(parts, out, overwrite=overwrite, progress=progress)
+    failed = f", {summary.failed} failed (listed in {summary.store / 'errors.jsonl'})" if summary.failed else ""
+    pending = f", {summary.pending} pending (no part labelled them)" if summary.pending else ""
+    state = "complete" if summary.complete else "incomplete"
+    console.print(
+        Text(f"{summary.store}: {summary.labelled} of {summary.num_samples} rows labelled{failed}{pending}; {state}")
+    )
+    if summary.failed or summary.pending:
+        raise typer.Exit(1)
 
 
 @app.command("show")
