@@ -192,8 +192,12 @@ def test_whole_image_target_suspects_and_order(rule_store):
 
 
 def test_chunks_give_the_whole_store_result(rule_store):
+    import torch
+
     store = LabelStore(rule_store)
+    threads = torch.get_num_threads()
     whole, chunked = audit_table(store, chunk_rows=1000), audit_table(store, chunk_rows=2)
+    assert torch.get_num_threads() == threads  # pooled on one thread, then restored
     for name, value in vars(whole).items():
         np.testing.assert_array_equal(value, getattr(chunked, name), err_msg=name)
 
