@@ -30,7 +30,7 @@ probability descending. Rows without a folder class follow, by multi-object scor
 from __future__ import annotations
 
 import csv
-import json
+import io
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -47,6 +47,7 @@ from trt_relabel.store import FAILED, LABELLED, PENDING, LabelStore, nonfinite_r
 from trt_relabel.visualize import FULL_BOX, soft_targets
 
 CSV_NAME, LABELS_NAME = "audit.csv", "labels.json"
+TEXT_CHUNK = 65536  # lines of audit.csv / labels.json formatted at a time
 CSV_COLUMNS = (
     "path", "row", "label", "label_name", "label_prob", "label_rank", "label_cells", "teacher_top1",
     "teacher_top1_name", "teacher_top1_prob", "present", "present_names", "objects", "suspect", "multi_object",
@@ -83,16 +84,16 @@ class AuditTable:
     label -1, label_prob NaN and label_rank 0."""
 
     rows: np.ndarray  # int64 [n]: store rows
-    label: np.ndarray  # int64 [n]: folder class, -1 without
+    label: np.ndarray  # int32 [n]: folder class, -1 without
     label_prob: np.ndarray  # float32 [n]
-    label_rank: np.ndarray  # int64 [n]: 1 = teacher's top-1 (see the module docstring)
-    label_cells: np.ndarray  # int64 [n]: counted cells (present rule) of the folder class
-    top1: np.ndarray  # int64 [n]
+    label_rank: np.ndarray  # int32 [n]: 1 = teacher's top-1 (see the module docstring)
+    label_cells: np.ndarray  # int32 [n]: counted cells (present rule) of the folder class
+    top1: np.ndarray  # int32 [n]
     top1_prob: np.ndarray  # float32 [n]
     present_offsets: np.ndarray  # int64 [n + 1]
-    present_classes: np.ndarray  # int64 [P]
-    present_cells: np.ndarray  # int64 [P]
-    objects: np.ndarray  # int64 [n]: objects of >= object_cells cells
+    present_classes: np.ndarray  # int32 [P]
+    present_cells: np.ndarray  # int32 [P]
+    objects: np.ndarray  # int32 [n]: objects of >= object_cells cells
     multi_object_score: np.ndarray  # float32 [n]
     suspect: np.ndarray  # bool [n]
     multi_object: np.ndarray  # bool [n]
@@ -195,19 +196,19 @@ def _audit_chunk(values: np.ndarray, indices: np.ndarray, labels: np.ndarray, ru
     label_cells = np.where(with_class, maps["counts"][np.arange(batch) * num_classes + safe_labels], 0)
     label_present = with_class & (label_cells >= rules.present_cells)
     fields = {
-        "label": labels,
+        "label": labels.astype(np.int32),
         "label_prob": label_prob,
-        "label_rank": label_rank,
-        "label_cells": label_cells,
-        "top1": targets.argmax(axis=1),
+        "label_rank": label_rank.astype(np.int32),
+        "label_cells": label_cells.astype(np.int32),
+        "top1": targets.argmax(axis=1).astype(np.int32),
         "top1_prob": targets.max(axis=1),
-        "objects": maps["objects"],
+        "objects": maps["objects"].astype(np.int32),
         "multi_object_score": maps["multi_object_score"],
         "suspect": with_class & ~label_present & (label_rank > rules.suspect_rank),
         "multi_object": maps["objects"] >= 2,
         "label_present": label_present,
     }
-    return fields, (maps["pair_row"], maps["pair_class"], maps["pair_cells"])
+    return fields, (maps["pair_row"], maps["pair_class"].astype(np.int32), maps["pair_cells"].astype(np.int32))
 
 
 @contextmanager
@@ -285,38 +286,57 @@ def multi_object_order(table: AuditTable) -> np.ndarray:
     return flagged[np.argsort(-table.multi_object_score[flagged], kind="stable")]
 
 
+def _csv_lines(table: AuditTable, store: LabelStore, names: list[str], positions: np.ndarray) -> Iterator[tuple]:
+    """The audit.csv lines (:data:`CSV_COLUMNS`) of the rows at `positions` of `table`."""
+    rows, labels, ranks, label_cells, top1, objects, suspect, multi = (
+        column[positions].tolist()
+        for column in (table.rows, table.label, table.label_rank, table.label_cells, table.top1, table.objects,
+                       table.suspect.view(np.uint8), table.multi_object.view(np.uint8))
+    )  # fmt: skip
+    label_prob, top1_prob, score = (a[positions].tolist() for a in (table.label_prob, table.top1_prob,
+                                                                    table.multi_object_score))  # fmt: skip
+    starts, ends = table.present_offsets[positions].tolist(), table.present_offsets[positions + 1].tolist()
+    for n, label in enumerate(labels):
+        classes = table.present_classes[starts[n] : ends[n]].tolist()
+        has = label >= 0
+        yield (
+            store.samples[rows[n]].path, rows[n], label, names[label] if has else "",
+            f"{label_prob[n]:.6g}" if has else "", ranks[n] if has else "", label_cells[n] if has else "",
+            top1[n], names[top1[n]], f"{top1_prob[n]:.6g}", " ".join(map(str, classes)),
+            "; ".join(names[c] for c in classes), objects[n], suspect[n], multi[n], f"{score[n]:.4g}",
+        )  # fmt: skip
+
+
 def write_csv(table: AuditTable, store: LabelStore, path: Path, order: np.ndarray) -> None:
-    """audit.csv (columns :data:`CSV_COLUMNS`), lines in `order` (positions in `table`)."""
+    """audit.csv (columns :data:`CSV_COLUMNS`), lines in `order` (positions in `table`), written
+    TEXT_CHUNK lines at a time (sample paths as samples.tsv keeps them: UTF-8, undecodable bytes
+    as they are)."""
     names = class_names(store.num_classes)
-    columns = [table.rows, table.label, table.label_rank, table.label_cells, table.top1, table.objects]
-    rows, labels, ranks, label_cells, top1, objects = (c.tolist() for c in columns)
-    label_prob, top1_prob, score = (a.tolist() for a in (table.label_prob, table.top1_prob, table.multi_object_score))
-    suspect, multi = table.suspect.view(np.uint8).tolist(), table.multi_object.view(np.uint8).tolist()
-    offsets, present = table.present_offsets.tolist(), table.present_classes.tolist()
-    with atomic_file(path) as raw, open(raw.fileno(), "w", encoding="utf-8", errors="surrogateescape",
-                                        newline="", closefd=False) as f:  # fmt: skip
-        writer = csv.writer(f)
+    with atomic_file(path) as raw:
+        text = io.TextIOWrapper(raw, encoding="utf-8", errors="surrogateescape", newline="")
+        writer = csv.writer(text)
         writer.writerow(CSV_COLUMNS)
-        for i in order.tolist():
-            label, classes = labels[i], present[offsets[i] : offsets[i + 1]]
-            has = label >= 0
-            writer.writerow((
-                store.samples[rows[i]].path, rows[i], label, names[label] if has else "",
-                f"{label_prob[i]:.6g}" if has else "", ranks[i] if has else "", label_cells[i] if has else "",
-                top1[i], names[top1[i]], f"{top1_prob[i]:.6g}", " ".join(map(str, classes)),
-                "; ".join(names[c] for c in classes), objects[i], suspect[i], multi[i], f"{score[i]:.4g}",
-            ))  # fmt: skip
+        for start in range(0, len(order), TEXT_CHUNK):
+            writer.writerows(_csv_lines(table, store, names, order[start : start + TEXT_CHUNK]))
+        text.flush()
+        text.detach()
 
 
 def write_real_labels(table: AuditTable, num_rows: int, path: Path) -> None:
     """labels.json: a JSON list with one list of present classes per store row (ImageNet ReaL's
-    layout); rows that hold no labels (failed, pending) get []."""
-    sets = [[] for _ in range(num_rows)]
-    offsets, present = table.present_offsets.tolist(), table.present_classes.tolist()
-    for i, row in enumerate(table.rows.tolist()):
-        sets[row] = present[offsets[i] : offsets[i + 1]]
+    layout); rows without audited labels (failed, pending, non-finite) get []."""
+    position = np.full(num_rows, -1, np.int64)
+    position[table.rows] = np.arange(len(table.rows))
     with atomic_file(path) as f:
-        f.write(("[\n" + ",\n".join(json.dumps(s) for s in sets) + "\n]\n").encode())
+        f.write(b"[\n")
+        for start in range(0, num_rows, TEXT_CHUNK):
+            lines = []
+            for i in position[start : start + TEXT_CHUNK].tolist():
+                span = table.present_classes[table.present_offsets[i] : table.present_offsets[i + 1]] if i >= 0 else ()
+                lines.append("[" + ", ".join(map(str, span)) + "]")
+            last = start + TEXT_CHUNK >= num_rows
+            f.write((",\n".join(lines) + ("\n" if last else ",\n")).encode())
+        f.write(b"]\n")
 
 
 @dataclass(frozen=True)
@@ -368,7 +388,7 @@ def class_rows(table: AuditTable, names: list[str]) -> list[dict]:
     """The per-class table: one dict per folder class with images (index, name, images, agreement,
     present, suspects, multi_object, teacher_class, teacher_name, teacher_share), by class index."""
     with_class = table.label >= 0
-    labels, top1 = table.label[with_class], table.top1[with_class]
+    labels, top1 = table.label[with_class].astype(np.int64), table.top1[with_class].astype(np.int64)
     classes, images = np.unique(labels, return_counts=True)
 
     def per_class(flags: np.ndarray) -> np.ndarray:
@@ -401,7 +421,7 @@ def confused_pairs(table: AuditTable, names: list[str], top: int) -> list[tuple[
     """The `top` most frequent (folder class, teacher top-1) pairs that disagree: (folder class,
     name, teacher class, name, images, share of the folder class's images), most images first."""
     with_class = table.label >= 0
-    labels, top1 = table.label[with_class], table.top1[with_class]
+    labels, top1 = table.label[with_class].astype(np.int64), table.top1[with_class].astype(np.int64)
     images = np.bincount(labels, minlength=len(names))
     wrong = labels != top1
     pairs, counts = np.unique(labels[wrong] * len(names) + top1[wrong], return_counts=True)
@@ -499,7 +519,6 @@ def build_page(
         pairs=confused_pairs(table, names, top),
         classes=class_rows(table, names),
         files={"one line per image": CSV_NAME, "present sets, ImageNet ReaL layout": LABELS_NAME},
-        top=top,
     )
 
 

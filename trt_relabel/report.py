@@ -10,7 +10,8 @@ which the page stretches over the photo without smoothing.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import partial
 from importlib import resources
 from pathlib import Path
 
@@ -27,7 +28,7 @@ COUNTED_ALPHA, FAINT_ALPHA = 0.55, 0.15  # overlay opacity of counted and other 
 _THUMB_NAME = re.compile(r"row\d+\.(jpg|png)")
 
 
-@dataclass
+@dataclass(frozen=True)
 class GalleryItem:
     """One image of a gallery. `label`: (class, name, probability, rank), None without a folder
     class; `top5`: (class, name, probability) of the whole-image target; `present`: (class, name,
@@ -46,15 +47,22 @@ class GalleryItem:
     top1_map: np.ndarray
     counted: np.ndarray
     photo: Path | None
-    # Filled in by write_report:
-    colours: dict[int, str] = field(default_factory=dict)  # class -> CSS colour
-    photo_file: str | None = None
-    map_file: str = ""
-    size: tuple[int, int] = (THUMB_SIZE, THUMB_SIZE)  # displayed width, height
-    photo_note: str = ""
 
 
-@dataclass
+@dataclass(frozen=True)
+class Thumbnail:
+    """What the page shows of one gallery row: the files (relative to the report folder), the
+    displayed size (width, height), the colour of each top-1 class on the map and a note on the
+    photo (why there is none)."""
+
+    map_file: str
+    photo_file: str | None
+    size: tuple[int, int]
+    colours: dict[int, str]
+    note: str = ""
+
+
+@dataclass(frozen=True)
 class Chart:
     """A bar chart: `bars` (label, count) in display order."""
 
@@ -62,7 +70,7 @@ class Chart:
     bars: list[tuple[str, int]]
 
 
-@dataclass
+@dataclass(frozen=True)
 class ReportPage:
     """Everything index.html shows. `cards`: (title, value, note); `classes`: one dict per folder
     class (keys of the per-class table); `pairs`: (folder class, name, teacher class, name, images,
@@ -79,7 +87,6 @@ class ReportPage:
     pairs: list[tuple[int, str, int, str, int, float]]
     classes: list[dict]
     files: dict[str, str]  # what -> file name in the report folder
-    top: int
 
 
 def _hex(colour: tuple) -> str:
@@ -91,27 +98,24 @@ def _display_path(path: str) -> str:
     return path.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
-def draw_thumbnails(item: GalleryItem, folder: Path) -> None:
-    """Write the item's photo and map thumbnails into `folder` and fill in its display fields."""
+def draw_thumbnail(item: GalleryItem, folder: Path) -> Thumbnail:
+    """Write the item's map (and photo) thumbnails into `folder`."""
     rgba, legend = _top1_colours(item.top1_map)
     rgba[..., 3] = np.where(item.counted, COUNTED_ALPHA, FAINT_ALPHA)
-    item.colours = {c: _hex(colour) for c, _, colour in legend}
+    colours = {c: _hex(colour) for c, _, colour in legend}
     map_file = f"row{item.row}.png"
     Image.fromarray(np.round(rgba * 255).astype(np.uint8), "RGBA").save(folder / map_file)
-    item.map_file = f"{THUMBS}/{map_file}"
+    map_only = partial(Thumbnail, f"{THUMBS}/{map_file}", None, (THUMB_SIZE, THUMB_SIZE), colours)
     if item.photo is None:
-        item.photo_note = "label map only (no --data folder given)"
-        return
+        return map_only("label map only (no --data folder given)")
     try:
         photo = load_rgb(item.photo)
     except ImageLoadError as e:
-        item.photo_note = f"photo unavailable: {e}"
-        return
+        return map_only(f"photo unavailable: {e}")
     photo.thumbnail((THUMB_SIZE, THUMB_SIZE), Image.Resampling.LANCZOS)
     photo_file = f"row{item.row}.jpg"
     photo.save(folder / photo_file, quality=85)
-    item.photo_file = f"{THUMBS}/{photo_file}"
-    item.size = photo.size
+    return Thumbnail(f"{THUMBS}/{map_file}", f"{THUMBS}/{photo_file}", photo.size, colours)
 
 
 def _clear_thumbnails(folder: Path) -> None:
@@ -121,32 +125,26 @@ def _clear_thumbnails(folder: Path) -> None:
             path.unlink()
 
 
-def render(page: ReportPage) -> str:
-    """The HTML text of `page` (Jinja2, autoescaped)."""
+def render(page: ReportPage, thumbnails: dict[int, Thumbnail]) -> str:
+    """The HTML text of `page` with the `thumbnails` of its gallery rows (Jinja2, autoescaped)."""
     import jinja2
 
     template = resources.files("trt_relabel").joinpath("templates", "report.html").read_text(encoding="utf-8")
     env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     env.filters["display_path"] = _display_path
-    return env.from_string(template).render(page=page)
+    return env.from_string(template).render(page=page, thumbnails=thumbnails)
 
 
 def write_report(out: Path, page: ReportPage) -> Path:
-    """Write `out`/index.html and the thumbnails of the gallery items (each row once) into
-    `out`/thumbs; returns the path of index.html."""
-
+    """Write `out`/index.html and the thumbnails of the gallery rows (each once) into `out`/thumbs
+    (replacing an earlier report's); returns the path of index.html."""
     folder = out / THUMBS
     folder.mkdir(parents=True, exist_ok=True)
     _clear_thumbnails(folder)
-    drawn: dict[int, GalleryItem] = {}
+    thumbnails: dict[int, Thumbnail] = {}
     for item in page.suspects + page.multi_object:
-        if item.row in drawn:
-            done = drawn[item.row]
-            item.colours, item.photo_file, item.map_file = done.colours, done.photo_file, done.map_file
-            item.size, item.photo_note = done.size, done.photo_note
-        else:
-            draw_thumbnails(item, folder)
-            drawn[item.row] = item
+        if item.row not in thumbnails:
+            thumbnails[item.row] = draw_thumbnail(item, folder)
     index = out / "index.html"
-    write_atomic(index, render(page))
+    write_atomic(index, render(page, thumbnails))
     return index
