@@ -25,7 +25,7 @@ from trt_relabel.cli import main
 from trt_relabel.generate import generate
 from trt_relabel.images import ImageEntry, list_images
 from trt_relabel.pooling import label_pooling
-from trt_relabel.store import LabelStore
+from trt_relabel.store import LabelStore, StoreError
 
 SIZE = 475
 BIN = Path(sys.executable).parent
@@ -355,6 +355,49 @@ def test_links_the_listing_cannot_follow_fail_and_are_retried_once_fixed(image_f
     store = LabelStore(out)
     assert store.errors() == [] and store.manifest["num_failed"] == 0
     assert np.array_equal(store.values[0], store.values[1]) and np.array_equal(store.values[0], store.values[2])
+
+
+def test_a_folder_that_could_not_be_listed_is_relabelled_once_fixed(image_folder, engines, tmp_path, monkeypatch):
+    """A sub-folder that cannot be listed is one failed row; once readable, --retry-failed takes its
+    images into the store (the other rows keep their labels), equal to a store made from scratch."""
+    data = tmp_path / "data"
+    for name in ("cat/a.jpg", "cat/locked/b.jpg", "cat/locked/c.png", "dog/d.jpg"):
+        (data / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(
+            image_folder / ("cat/chelsea.jpg" if name.endswith(".jpg") else "coffee/coffee_flip.png"), data / name
+        )
+    locked = data / "cat" / "locked"
+    if os.geteuid() == 0:  # root reads any folder: the listing meets the error chmod 000 gives a user
+        scandir = os.scandir
+
+        def refuse_locked(path="."):
+            if Path(path) == locked:
+                raise PermissionError(13, "Permission denied", str(path))
+            return scandir(path)
+
+        monkeypatch.setattr(os, "scandir", refuse_locked)
+    locked.chmod(0)
+    out = tmp_path / "store"
+    try:
+        first = label(data, out, engines, workers=0)
+    finally:
+        locked.chmod(0o755)
+        monkeypatch.undo()
+    assert (first.rows, first.labelled, first.failed, first.complete) == (3, 2, 1, True)
+    reason = "folder that cannot be listed (permission denied); its images are unknown"
+    assert LabelStore(out).errors() == [{"path": "cat/locked", "reason": reason}]
+    labels_of_a = LabelStore(out)[0]
+
+    with pytest.raises(StoreError, match="'cat/locked' could not be listed when the store was made and now can"):
+        label(data, out, engines)
+    fixed = label(data, out, engines, retry_failed=True)
+    assert (fixed.processed, fixed.rows, fixed.labelled, fixed.failed, fixed.complete) == (2, 4, 4, 0, True)
+    store = LabelStore(out)
+    assert store.samples == list_images(data)
+    assert all(np.array_equal(a, b) for a, b in zip(store[0], labels_of_a, strict=True))
+    label(data, tmp_path / "from_scratch", engines)
+    assert_same_store(out, tmp_path / "from_scratch")
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # nothing left beside the store
 
 
 def test_mismatched_resume_is_refused(reference, image_folder, engines, tmp_path, monkeypatch, capfd):

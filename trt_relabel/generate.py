@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import numpy as np
 import torch
 from rich.console import Console
+from rich.text import Text
 from torch.utils.data import DataLoader, default_collate
 
 from trt_relabel.errors import RelabelError, UsageError
@@ -48,6 +49,7 @@ from trt_relabel.store import (
     LABELLED,
     MANIFEST,
     STORE_FILES,
+    LabelStore,
     StoreError,
     StoreSpec,
     StoreWriter,
@@ -317,7 +319,7 @@ def generate(
         raise UsageError("--overwrite cannot be combined with --shard (a shard would delete the others' work)")
     out = Path(out)
     _check_writable(out)
-    _check_existing_store(out, samples, teacher, size, topk, overwrite)
+    _check_existing_store(out, Path(data), samples, teacher, size, topk, overwrite, retry_failed, shard)
     from trt_relabel.backends import open_backend
 
     group = _Group()
@@ -383,15 +385,60 @@ def _read_only_fs(path: Path) -> bool:
 
 
 def _check_existing_store(
-    out: Path, samples: list[ImageEntry], teacher: str, size: int | None, topk: int, overwrite: bool
+    out: Path,
+    data: Path,
+    samples: list[ImageEntry],
+    teacher: str,
+    size: int | None,
+    topk: int,
+    overwrite: bool,
+    retry_failed: bool,
+    shard: tuple[int, int],
 ) -> None:
-    """Refuse a mismatched store before the (slow) backend start; the teacher hash is checked later."""
+    """Refuse a mismatched store before the (slow) backend start; the teacher hash is checked later.
+    With `retry_failed`, a store whose only difference is folders it could not list, which now
+    can be, is rebuilt for the new input list (:mod:`trt_relabel.relist`)."""
     if overwrite or not (out / MANIFEST).is_file():
         return
     from trt_relabel.teacher import get_teacher_config
 
     config = get_teacher_config(teacher, size)
-    check_resumable(out, samples, teacher=config.name, input_size=config.input_size, topk=topk)
+    fields = {"teacher": config.name, "input_size": config.input_size, "topk": topk}
+    try:
+        check_resumable(out, samples, **fields)
+    except StoreError as mismatch:
+        if not _relist(out, data, samples, fields, retry_failed, shard):
+            raise mismatch from None
+
+
+def _relist(
+    out: Path, data: Path, samples: list[ImageEntry], fields: dict, retry_failed: bool, shard: tuple[int, int]
+) -> bool:
+    """Rebuild the store `out` (built with the StoreSpec `fields`) for `samples` when they differ
+    only by folders it failed to list, which now can be listed (with `retry_failed`; a one-line
+    error without). False: another difference."""
+    from trt_relabel.relist import listed_folders, relist_folders
+
+    store = LabelStore(out)
+    if any(getattr(store.spec, name) != value for name, value in fields.items()):
+        return False
+    folders = listed_folders(store, data, samples)
+    if not folders:
+        return False
+    which = f"{folders[0]!r}" + (f" and {len(folders) - 1} more folders" if len(folders) > 1 else "")
+    if not retry_failed:
+        raise StoreError(
+            f"{store.path}: {which} could not be listed when the store was made and now can: "
+            "pass --retry-failed to label its images into this store"
+        ) from None
+    if shard[1] > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UsageError(
+            f"{store.path}: {which} can now be listed: run --retry-failed once without --shard or torchrun "
+            "to take its images into the store"
+        )
+    relist_folders(store, data, samples)
+    console.print(Text(f"{store.path}: {which} can now be listed: the store lists its images (labels kept)"))
+    return True
 
 
 def _spec(backend: Backend) -> StoreSpec:
