@@ -10,12 +10,12 @@ or its failure and reason; the folder's images are pending, to be labelled by th
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
+from trt_relabel.fileio import remove_stale, temporary_dir
 from trt_relabel.images import ImageEntry
 from trt_relabel.store import (
     FAILED,
@@ -59,27 +59,27 @@ def relist_folders(old: LabelStore, data: Path, samples: Sequence[ImageEntry]) -
     failure and reason, the folders' images are pending. Returns those folders ([]: the store is
     left as it is).
 
-    The new store is built beside the old one, then its files replace the old files one by one,
-    manifest last. One process only: not under torchrun or with --shard.
+    The new store is built beside the old one (``.NAME.relisting-HOST-PID-RANDOM``, removed by the
+    next relisting when a kill left it), then its files replace the old files one by one, manifest
+    last. One process only: not under torchrun or with --shard.
     """
     store_path = old.path
     folders = listed_folders(old, data, samples)
     if not folders:
         return []
-    building = store_path.parent / f".{store_path.name}.relisting-{os.getpid()}"
-    shutil.rmtree(building, ignore_errors=True)
+    prefix = f".{store_path.name}.relisting-"
     try:
-        extra = {key: value for key, value in old.manifest.items() if key not in REQUIRED_KEYS}
-        writer = create_store(building, old.spec, list(samples), extra_manifest=extra)
-        _copy_rows(old, writer, samples)
-        writer.finish()
-        del writer
-        for name in (*(n for n in STORE_FILES if n != MANIFEST), MANIFEST):
-            os.replace(building / name, store_path / name)
+        remove_stale(store_path.parent, prefix)  # what a killed relisting left
+        with temporary_dir(store_path.parent, prefix) as building:
+            extra = {key: value for key, value in old.manifest.items() if key not in REQUIRED_KEYS}
+            writer = create_store(building / "store", old.spec, list(samples), extra_manifest=extra)
+            _copy_rows(old, writer, samples)
+            writer.finish()
+            built = [name for name in STORE_FILES if name != MANIFEST and (building / "store" / name).exists()]
+            for name in (*built, MANIFEST):
+                os.replace(building / "store" / name, store_path / name)
     except OSError as e:
         raise StoreError(f"{store_path}: cannot rebuild the store for the listed folders: {e.strerror}") from None
-    finally:
-        shutil.rmtree(building, ignore_errors=True)
     return folders
 
 
