@@ -123,5 +123,6 @@ def test_build_engine_reuses_unchanged_graphs(built):
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "unchanged, reused" in result.stderr
+    assert "both graphs follow TensorRT's ONNX parser rules" in result.stderr
     assert "engine step skipped: it needs TensorRT and a CUDA GPU" in result.stderr
     assert [os.stat(p).st_mtime_ns for p in (built.fp32, built.fp16)] == mtimes

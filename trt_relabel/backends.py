@@ -9,7 +9,9 @@ indices int32 [B, k, h, w], as NumPy arrays, following the graph contract of
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import os
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -21,12 +23,14 @@ import torch
 from trt_relabel.errors import RelabelError, UsageError
 from trt_relabel.export import (
     INPUT_NAME,
+    BuiltGraphs,
     GraphMetadata,
     RelabelGraph,
     build_graphs,
+    graph_sha256,
+    import_onnxruntime,
     prepare_teacher,
     relabel_graph,
-    sha256_file,
 )
 
 BACKENDS = ("auto", "onnxruntime", "torch", "tensorrt")
@@ -42,11 +46,13 @@ class BackendError(RelabelError):
 
 class Backend(ABC):
     """`name` says which runtime (and provider/device/precision) runs; `graph_sha256` identifies the
-    graph file it runs ("" for eager torch)."""
+    graph file it runs ("" for eager torch); `teacher_graphs`: the sha256 of every graph of this
+    teacher checked in this run (fp32 and FP16, see :func:`store_continues`)."""
 
     name: str
     metadata: GraphMetadata
     graph_sha256: str
+    teacher_graphs: frozenset[str] = frozenset()
 
     @abstractmethod
     def __call__(self, pixels: Pixels) -> tuple[np.ndarray, np.ndarray]:
@@ -63,8 +69,10 @@ class OnnxRuntimeBackend(Backend):
     """An ONNX Runtime session over a relabel graph.
 
     `providers` in preference order; ONNX Runtime silently drops providers whose libraries are
-    missing (TensorRT without its libraries falls back to CUDA), so `name` reports the providers
-    the session actually runs with. `device_id`: the GPU of the GPU providers.
+    missing (TensorRT without its libraries falls back to CUDA), and may switch to its fall-back
+    providers when one fails during a run: `name` and `fell_back` always say what runs, and a switch
+    during a run is logged. `provider_options`: per provider (default: the GPU of GPU providers,
+    `device_id`).
     """
 
     def __init__(
@@ -74,29 +82,41 @@ class OnnxRuntimeBackend(Backend):
         providers: list[str],
         threads: int | None = None,
         device_id: int = 0,
+        provider_options: list[dict[str, str]] | None = None,
+        log: Callable[[str], None] = print,
     ):
-        import onnxruntime as ort
+        ort = import_onnxruntime()
 
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = threads or os.cpu_count() or 1
-        provider_options = [{"device_id": str(device_id)} if p in GPU_PROVIDERS else {} for p in providers]
+        if provider_options is None:
+            provider_options = [{"device_id": str(device_id)} if p in GPU_PROVIDERS else {} for p in providers]
         try:
             self.session = ort.InferenceSession(
                 str(graph), options, providers=providers, provider_options=provider_options
             )
         except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
             raise BackendError(f"{graph}: ONNX Runtime cannot load the graph: {str(e).splitlines()[0]}") from None
-        active = self.session.get_providers()
-        self.name = f"onnxruntime ({active[0]}, {metadata.precision})"
-        self.fell_back = active[0] != providers[0]
+        self.asked = providers[0]
         self.metadata = metadata
-        self.graph_sha256 = sha256_file(graph)
+        self.graph_sha256 = graph_sha256(graph)
+        self._log = log
+        self._note_providers()
+
+    def _note_providers(self) -> str:
+        active = self.session.get_providers()[0]
+        self.name = f"onnxruntime ({active}, {self.metadata.precision})"
+        self.fell_back = active != self.asked
+        return active
 
     def __call__(self, pixels: Pixels) -> tuple[np.ndarray, np.ndarray]:
         if isinstance(pixels, torch.Tensor):
             pixels = pixels.cpu().numpy()
+        before = self.session.get_providers()[0]
         values, indices = self.session.run(None, {INPUT_NAME: np.ascontiguousarray(pixels)})
+        if self._note_providers() != before:
+            self._log(f"ONNX Runtime switched from {before} to {self.session.get_providers()[0]} during a run")
         return values, indices
 
 
@@ -134,9 +154,7 @@ def tensorrt_importable() -> bool:
 
 
 def onnxruntime_providers() -> list[str]:
-    import onnxruntime as ort
-
-    return ort.get_available_providers()
+    return import_onnxruntime().get_available_providers()
 
 
 def choose_backend(kind: str) -> str:
@@ -159,14 +177,88 @@ def tensorrt_missing() -> str | None:
 
 #: ONNX Runtime's providers that run on a GPU, best first.
 GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+#: The first ONNX Runtime whose TensorRT provider runs TensorRT 11 (older ones are built for TensorRT 10).
+ORT_FOR_TENSORRT_11 = (1, 27)
 
 
-def ort_providers(precision: str | None) -> tuple[list[str], str]:
-    """ONNX Runtime providers to ask for, best first, and the graph precision to feed them."""
+def ort_providers(precision: str | None, gpu: bool = True) -> tuple[list[str], str]:
+    """ONNX Runtime providers to ask for, best first, and the graph precision to feed them (`gpu`
+    False: the CPU only)."""
     available = onnxruntime_providers()
-    if "CUDAExecutionProvider" in available and cuda_available():
+    if gpu and "CUDAExecutionProvider" in available and cuda_available():
         return [p for p in (*GPU_PROVIDERS, "CPUExecutionProvider") if p in available], precision or "fp16"
     return ["CPUExecutionProvider"], precision or "fp32"
+
+
+def ort_cuda_missing() -> str | None:
+    """One line when a CUDA GPU is here but the installed ONNX Runtime has no CUDA provider (the CPU
+    build, or the CPU build installed over the GPU one); None otherwise."""
+    if not cuda_available() or "CUDAExecutionProvider" in onnxruntime_providers():
+        return None
+    return (
+        "a CUDA GPU is here but this ONNX Runtime has no CUDA provider, so it runs on the CPU; install its GPU "
+        "build alone: pip uninstall -y onnxruntime onnxruntime-gpu && pip install 'trt-relabel[gpu]'"
+    )
+
+
+def tensorrt_provider_fits(tensorrt_version: str | None, ort_version: str) -> bool:
+    """Can ONNX Runtime `ort_version`'s TensorRT provider run TensorRT `tensorrt_version` (None: not
+    installed as a Python package, the provider finds its libraries itself)?"""
+    if tensorrt_version is None:
+        return True
+    newer = int(tensorrt_version.split(".")[0]) >= 11
+    return not newer or _version_tuple(ort_version) >= ORT_FOR_TENSORRT_11
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"\d+", version)[:2])
+
+
+def tensorrt_provider_options(metadata: GraphMetadata, device_id: int, max_batch: int, cache: Path) -> dict[str, str]:
+    """ONNX Runtime TensorRT provider options: engine and timing caches in `cache` (reused across
+    starts), one optimisation profile for batches 1 to `max_batch` (no rebuild at a new batch
+    size), and no fp16 flag (the FP16 graph is already strongly typed fp16)."""
+    shape = f"{metadata.input_size}x{metadata.input_size}x3"
+    return {
+        "device_id": str(device_id),
+        "trt_engine_cache_enable": "True",
+        "trt_engine_cache_path": str(cache),
+        "trt_timing_cache_enable": "True",
+        "trt_timing_cache_path": str(cache),
+        "trt_profile_min_shapes": f"{INPUT_NAME}:1x{shape}",
+        "trt_profile_opt_shapes": f"{INPUT_NAME}:{max_batch}x{shape}",
+        "trt_profile_max_shapes": f"{INPUT_NAME}:{max_batch}x{shape}",
+        "trt_fp16_enable": "False",
+    }
+
+
+def parse_device(device: str | None) -> int | None:
+    """The GPU index of `device`: "cuda:N" -> N; "cuda" or None -> the current CUDA device (0 without
+    CUDA); "cpu" -> None."""
+    try:
+        target = torch.device(device or "cuda")
+    except RuntimeError:
+        raise UsageError(f"device {device!r}: expected cpu, cuda or cuda:N") from None
+    if target.type == "cpu":
+        return None
+    if target.type != "cuda":
+        raise UsageError(f"device {device!r}: expected cpu, cuda or cuda:N")
+    if target.index is None:
+        return torch.cuda.current_device() if torch.cuda.is_available() else 0
+    if torch.cuda.is_available() and target.index >= torch.cuda.device_count():
+        raise BackendError(f"device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    return target.index
+
+
+def graph_may_continue(store_graph: str, backend: Backend) -> bool:
+    """One store, one teacher: may `backend` label more rows of a store whose manifest names the graph
+    `store_graph` (its teacher hash already matched)? Yes when it runs that graph, the other precision
+    of the same checked export (`backend.teacher_graphs`), or when either side is eager torch (no
+    graph: its labels come from the weights whose hash the store matched). Any other graph is not
+    known to compute this teacher: no."""
+    if not store_graph or not backend.graph_sha256 or store_graph == backend.graph_sha256:
+        return True
+    return store_graph in backend.teacher_graphs
 
 
 def open_backend(
@@ -187,9 +279,10 @@ def open_backend(
     """Open a backend for a teacher, building its ONNX graphs (and engine) when missing.
 
     kind: "auto" | "onnxruntime" | "torch" | "tensorrt". precision: "fp32" | "fp16" (default fp32
-    on CPU, fp16 on a GPU). device: "cpu", "cuda", "cuda:1", ... (default: CUDA when present,
-    GPU 0); ONNX Runtime's GPU providers take its GPU index. max_batch: the largest batch the
-    TensorRT profile accepts. compile (torch backend): `torch.compile` the teacher.
+    on CPU, fp16 on a GPU). device: "cpu", "cuda", "cuda:1", ... (default: the current CUDA device
+    when present); TensorRT builds and runs on that GPU, ONNX Runtime's GPU providers take its index
+    ("cpu": ONNX Runtime on the CPU). max_batch: the largest batch of the TensorRT profiles (ours and
+    ONNX Runtime's TensorRT provider's). compile (torch backend): `torch.compile` the teacher.
     """
     resolved = choose_backend(kind)
     if resolved == "torch":
@@ -197,20 +290,61 @@ def open_backend(
     missing = tensorrt_missing() if resolved == "tensorrt" else None
     if missing:
         raise BackendError(f"the tensorrt backend needs TensorRT and a CUDA GPU; {missing} is missing here")
+    gpu = parse_device(device)
+    if resolved == "tensorrt" and gpu is None:
+        raise BackendError("the tensorrt backend runs on a CUDA GPU, not on device cpu")
     graphs = build_graphs(teacher, checkpoint, size, topk, engines_dir, pretrained=pretrained, log=log)
-    gpu_index = torch.device(device or "cuda").index or 0
     if resolved == "tensorrt":
         from trt_relabel.tensorrt_engine import TensorRTBackend, build_engine
 
-        plan = build_engine(graphs.fp16, max_batch=max_batch, rebuild_stale=False, log=log)
-        return TensorRTBackend(plan, max_batch, device=gpu_index)
-    providers, graph_precision = ort_providers(precision)
+        plan = build_engine(graphs.fp16, max_batch=max_batch, rebuild_stale=False, log=log, device=gpu)
+        backend: Backend = TensorRTBackend(plan, max_batch, device=gpu)
+    else:
+        backend = _onnxruntime_backend(graphs, precision, gpu, max_batch, Path(engines_dir), log)
+    backend.teacher_graphs = frozenset(graphs.sha256.values())
+    return backend
+
+
+def _onnxruntime_backend(
+    graphs: BuiltGraphs,
+    precision: str | None,
+    gpu: int | None,
+    max_batch: int,
+    engines_dir: Path,
+    log: Callable[[str], None],
+) -> OnnxRuntimeBackend:
+    ort = import_onnxruntime()
+
+    missing_cuda = ort_cuda_missing() if gpu is not None else None
+    if missing_cuda:
+        log(missing_cuda)
+    providers, graph_precision = ort_providers(precision, gpu is not None)
+    trt_version = _installed_version("tensorrt")
+    if "TensorrtExecutionProvider" in providers and not tensorrt_provider_fits(trt_version, ort.__version__):
+        log(f"ONNX Runtime {ort.__version__}'s TensorRT provider cannot run TensorRT {trt_version} (it needs "
+            f"ONNX Runtime >= 1.27); using its CUDA provider")  # fmt: skip
+        providers.remove("TensorrtExecutionProvider")
     graph = graphs.fp16 if graph_precision == "fp16" else graphs.fp32
     metadata = dataclasses.replace(graphs.metadata, precision=graph_precision)
-    backend = OnnxRuntimeBackend(graph, metadata, providers, device_id=gpu_index)
+    options = []
+    for provider in providers:
+        if provider == "TensorrtExecutionProvider":
+            cache = engines_dir / "onnxruntime-tensorrt"
+            cache.mkdir(parents=True, exist_ok=True)
+            options.append(tensorrt_provider_options(metadata, gpu or 0, max_batch, cache))
+        else:
+            options.append({"device_id": str(gpu or 0)} if provider in GPU_PROVIDERS else {})
+    backend = OnnxRuntimeBackend(graph, metadata, providers, provider_options=options, log=log)
     if backend.fell_back:
         log(f"ONNX Runtime could not start {providers[0]} (its libraries are missing); running {backend.name}")
     return backend
+
+
+def _installed_version(distribution: str) -> str | None:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def _torch_backend(

@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import glob
 import hashlib
 import json
 import os
+import secrets
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -46,6 +48,11 @@ OUTPUT_NAMES = ("values", "indices")
 MAX_EXPORT_BATCH = 4096
 #: fp32 graph vs PyTorch: largest allowed absolute difference of the top-k logits at build time.
 EXPORT_TOLERANCE = 1e-3
+#: Version of what the export code writes; bumped at every change of the graphs' layout, so graphs
+#: of older code are exported again (2: Cast before Transpose, no uint8 tensor inside the graph).
+EXPORT_FORMAT = 2
+#: Hex digits of a graph's sha256 in its file name (`<stem>.<precision>.<digest>.onnx`).
+NAME_DIGEST_CHARS = 16
 
 
 class ExportError(RelabelError):
@@ -57,7 +64,8 @@ class GraphMetadata:
     """What a relabel graph computes and how to feed it (stored inside every graph file).
 
     `teacher_hash` is a content hash of the teacher's weights and the options (size, k), shared by
-    the fp32 and FP16 graphs and every backend built from them.
+    the fp32 and FP16 graphs and every backend built from them. `export_format`: the
+    :data:`EXPORT_FORMAT` of the code that wrote the graph (1 for graphs without the field).
     """
 
     teacher: str
@@ -73,6 +81,7 @@ class GraphMetadata:
     teacher_hash: str
     tool_version: str = __version__
     input_layout: str = "NHWC uint8 RGB"
+    export_format: int = EXPORT_FORMAT
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -83,7 +92,7 @@ class GraphMetadata:
 
     @classmethod
     def from_dict(cls, data: dict) -> GraphMetadata:
-        return cls(**{**data, **{key: tuple(data[key]) for key in ("mean", "std", "map_size")}})
+        return cls(**{"export_format": 1, **data, **{key: tuple(data[key]) for key in ("mean", "std", "map_size")}})
 
 
 @dataclass
@@ -122,7 +131,9 @@ class RelabelGraph(nn.Module):
         self.register_buffer("shift", (-mean_t / std_t).to(dtype))
 
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = pixels.permute(0, 3, 1, 2).to(self.scale.dtype, memory_format=self.memory_format)
+        # Cast before the permute: TensorRT takes uint8 only as a network input, never inside the graph.
+        # channels_last: the permuted NHWC tensor already is channels_last, so no copy is made.
+        x = pixels.to(self.scale.dtype).permute(0, 3, 1, 2).contiguous(memory_format=self.memory_format)
         x = x * self.scale + self.shift
         values, indices = torch.topk(self.fcn(x), self.topk, dim=1)
         return values, indices.to(torch.int32)
@@ -176,12 +187,14 @@ def relabel_graph(prepared: PreparedTeacher, precision: str = "fp32", channels_l
 
 @dataclass(frozen=True)
 class BuiltGraphs:
-    """The exported graph files and what they compute. `skipped`: both existed and were reused."""
+    """The exported graph files and what they compute. `skipped`: both existed and were reused.
+    `sha256`: precision ("fp32", "fp16") -> sha256 of that graph (see :func:`graph_sha256`)."""
 
     fp32: Path
     fp16: Path
     metadata: GraphMetadata
     skipped: bool
+    sha256: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 def graph_stem(metadata: GraphMetadata) -> str:
@@ -201,22 +214,66 @@ def read_graph_metadata(path: str | Path) -> GraphMetadata:
     props = {p.key: p.value for p in model.metadata_props}
     if METADATA_KEY not in props:
         raise ExportError(f"{path}: no trt-relabel metadata; export it with `trt-relabel build-engine`")
-    return GraphMetadata.from_json(props[METADATA_KEY])
+    try:
+        return GraphMetadata.from_json(props[METADATA_KEY])
+    except (ValueError, TypeError, KeyError) as e:
+        raise ExportError(f"{path}: malformed trt-relabel metadata ({type(e).__name__}: {e})".splitlines()[0]) from None
 
 
 def sha256_file(path: str | Path) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
+    _update_digest(digest, Path(path))
     return digest.hexdigest()
 
 
-def export_onnx(graph: RelabelGraph, metadata: GraphMetadata, path: Path) -> Path:
-    """Export `graph` with the dynamo exporter (batch dynamic, S fixed) and store `metadata`.
+def _update_digest(digest, path: Path) -> None:
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+
+
+def graph_sha256(path: str | Path) -> str:
+    """sha256 (hex) of a graph: the bytes of the `.onnx` file, then of each external weight file it names
+    (graphs over 1 GiB of weights keep them beside the graph), so a change to any weight changes it."""
+    import onnx
+
+    path = Path(path)
+    digest = hashlib.sha256()
+    _update_digest(digest, path)
+    if path.stat().st_size < 1 << 26:  # a graph with external weights is small; a big one holds them all
+        model = onnx.load(str(path), load_external_data=False)
+        locations = {
+            entry.value
+            for tensor in model.graph.initializer
+            for entry in tensor.external_data
+            if entry.key == "location"
+        }
+        for location in sorted(locations):
+            _update_digest(digest, path.parent / location)
+    return digest.hexdigest()
+
+
+def verified_graph_sha256(path: Path) -> str:
+    """The graph's sha256, checked against the digest in its name (`<stem>.<precision>.<digest>.onnx`).
+
+    Raises :class:`ExportError` (one line) for a graph changed after export: it must not label.
+    """
+    found = graph_sha256(path)
+    named = path.name.removesuffix(".onnx").rsplit(".", 1)[-1]
+    if found[:NAME_DIGEST_CHARS] != named:
+        raise ExportError(
+            f"{path}: its bytes (sha256 {found[:NAME_DIGEST_CHARS]}) do not match the digest in its name: the "
+            f"graph was changed after export; delete it and run `trt-relabel build-engine` to export it again"
+        )
+    return found
+
+
+def export_onnx(graph: RelabelGraph, metadata: GraphMetadata, out_dir: Path) -> tuple[Path, str]:
+    """Export `graph` with the dynamo exporter (batch dynamic, S fixed) and store `metadata`; returns the
+    graph's path `<out_dir>/<stem>.<precision>.<digest>.onnx` and its sha256 (see :func:`graph_sha256`).
 
     Written atomically: the files appear under their final names only once complete. Graphs over
-    1 GiB of weights keep them in `<path>.data` beside the graph.
+    1 GiB of weights keep them in a `.onnx.data` file beside the graph, named inside it.
     """
     size = metadata.input_size
     example = torch.zeros(2, size, size, 3, dtype=torch.uint8)
@@ -235,21 +292,35 @@ def export_onnx(graph: RelabelGraph, metadata: GraphMetadata, path: Path) -> Pat
         raise ExportError(f"{metadata.architecture}: ONNX export failed: {str(e).splitlines()[0]}") from None
     program.model.metadata_props[METADATA_KEY] = metadata.to_json()
     weight_bytes = sum(p.numel() * p.element_size() for p in graph.parameters())
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".export-") as tmp:
-        staged = Path(tmp) / path.name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".export-") as tmp:
+        # a name of its own for the staged graph: its external weight file keeps it
+        staged = Path(tmp) / f"{graph_stem(metadata)}.{metadata.precision}.{secrets.token_hex(4)}.onnx"
         program.save(str(staged), external_data=weight_bytes > 1 << 30)
+        sha256 = graph_sha256(staged)
+        path = out_dir / f"{graph_stem(metadata)}.{metadata.precision}.{sha256[:NAME_DIGEST_CHARS]}.onnx"
         for extra in Path(tmp).iterdir():
             if extra != staged:
-                os.replace(extra, path.parent / extra.name)
+                os.replace(extra, out_dir / extra.name)
         os.replace(staged, path)
-    return path
+    return path, sha256
+
+
+def import_onnxruntime():
+    """The `onnxruntime` module; a clear error when no ONNX Runtime build is installed."""
+    try:
+        import onnxruntime
+    except ImportError:
+        raise RelabelError(
+            "ONNX Runtime is not installed; install one build: pip install 'trt-relabel[cpu]' "
+            "(or 'trt-relabel[gpu]' on a CUDA machine)"
+        ) from None
+    return onnxruntime
 
 
 def check_parity(graph_path: Path, graph: RelabelGraph, pixels: np.ndarray) -> float:
     """Max abs difference of the top-k logits between ONNX Runtime (CPU) and the torch module."""
-    import onnxruntime as ort
-
+    ort = import_onnxruntime()
     session = ort.InferenceSession(str(graph_path), providers=["CPUExecutionProvider"])
     onnx_values, _ = session.run(None, {INPUT_NAME: pixels})
     with torch.no_grad():
@@ -289,20 +360,23 @@ def export_graphs(
 ) -> BuiltGraphs:
     """Export the fp32 and FP16 relabel graphs of a prepared teacher into `out_dir`.
 
-    File names carry the teacher's content hash (weights + options): an unchanged teacher reuses
-    the existing files (`skipped=True`). With `verify`, the fp32 graph must match PyTorch within
-    :data:`EXPORT_TOLERANCE` on a probe batch, and the FP16 graph must pass the ONNX checker.
+    File names carry the teacher's content hash (weights + options) and the graph's own sha256
+    (`<stem>.<precision>.<digest>.onnx`): an unchanged teacher reuses the existing files
+    (`skipped=True`) once their bytes match their names (a changed graph raises :class:`ExportError`);
+    graphs of an older :data:`EXPORT_FORMAT` or with unreadable metadata are exported again. With
+    `verify`, the fp32 graph must match PyTorch within :data:`EXPORT_TOLERANCE` on a probe batch,
+    and the FP16 graph must pass the ONNX checker.
     """
     out_dir = Path(out_dir)
-    stem = graph_stem(prepared.metadata)
-    paths = {p: out_dir / f"{stem}.{p}.onnx" for p in ("fp32", "fp16")}
-    if all(_graph_matches(paths[p], dataclasses.replace(prepared.metadata, precision=p)) for p in paths):
-        return BuiltGraphs(paths["fp32"], paths["fp16"], prepared.metadata, skipped=True)
-    for precision, path in paths.items():
+    found = {p: find_graph(out_dir, dataclasses.replace(prepared.metadata, precision=p)) for p in ("fp32", "fp16")}
+    if found["fp32"] and found["fp16"]:
+        return BuiltGraphs(found["fp32"][0], found["fp16"][0], prepared.metadata, True, _digests(found))
+    for precision in found:
         metadata = dataclasses.replace(prepared.metadata, precision=precision)
         graph = relabel_graph(prepared, precision)
-        log(f"exporting {precision} graph of {metadata.teacher} at {metadata.input_size} -> {path}")
-        export_onnx(graph, metadata, path)
+        log(f"exporting {precision} graph of {metadata.teacher} at {metadata.input_size} into {out_dir}")
+        path, sha256 = export_onnx(graph, metadata, out_dir)
+        found[precision] = (path, sha256)
         if verify and precision == "fp32":
             error = check_parity(path, graph, probe_pixels(metadata.input_size))
             if not error <= EXPORT_TOLERANCE:
@@ -312,12 +386,26 @@ def export_graphs(
             import onnx
 
             onnx.checker.check_model(str(path))
-    return BuiltGraphs(paths["fp32"], paths["fp16"], prepared.metadata, skipped=False)
+    return BuiltGraphs(found["fp32"][0], found["fp16"][0], prepared.metadata, False, _digests(found))
+
+
+def _digests(found: dict[str, tuple[Path, str] | None]) -> dict[str, str]:
+    return {precision: entry[1] for precision, entry in found.items() if entry}
+
+
+def find_graph(out_dir: Path, metadata: GraphMetadata) -> tuple[Path, str] | None:
+    """(path, sha256) of the graph in `out_dir` that computes `metadata` (precision included) with
+    this code's :data:`EXPORT_FORMAT`, or None. Every candidate's bytes are checked against its name
+    first (see :func:`verified_graph_sha256`): a changed graph raises, it is never silently used."""
+    pattern = f"{glob.escape(graph_stem(metadata))}.{metadata.precision}.*.onnx"
+    for path in sorted(out_dir.glob(pattern)):
+        sha256 = verified_graph_sha256(path)
+        if _graph_matches(path, metadata):
+            return path, sha256
+    return None
 
 
 def _graph_matches(path: Path, metadata: GraphMetadata) -> bool:
-    if not path.is_file():
-        return False
     try:
         found = read_graph_metadata(path)
     except ExportError:

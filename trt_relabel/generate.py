@@ -352,6 +352,7 @@ def generate(
                 extra_manifest={"source": "generate"},
             )
         )
+        _check_same_teacher(writer, runtime)
         if retry_failed:  # rank 0 reopens the failed rows of every rank before any rank lists its own
             reopen = split if group.world == 1 else (0, 1)
             group.rank0_first(lambda: writer.retry_failed(reopen) if group.rank == 0 else 0)
@@ -439,6 +440,20 @@ def _relist(
     relist_folders(store, data, samples)
     console.print(Text(f"{store.path}: {which} can now be listed: the store lists its images (labels kept)"))
     return True
+
+
+def _check_same_teacher(writer: StoreWriter, backend: Backend) -> None:
+    """One store never mixes two teachers: refuse to label with a graph the store's may not be continued
+    by (see :func:`trt_relabel.backends.graph_may_continue`)."""
+    from trt_relabel.backends import graph_may_continue
+
+    started = writer.spec.graph_sha256
+    if not graph_may_continue(started, backend):
+        raise StoreError(
+            f"{writer.path}: labelled with graph sha256 {started[:16]}, which is not a graph of this teacher here "
+            f"({backend.name} runs {backend.graph_sha256[:16]}); resume it with the engines folder that labelled "
+            "it, or relabel it with --overwrite"
+        )
 
 
 def _spec(backend: Backend) -> StoreSpec:

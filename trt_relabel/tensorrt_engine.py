@@ -1,7 +1,9 @@
 """TensorRT: build an FP16 engine from the strongly typed FP16 ONNX graph, and run it.
 
 `tensorrt` is imported lazily, inside the functions that need it: everything else here (the
-sidecar, its validation, the batch profile) is plain Python and works without it.
+sidecar, its validation, the batch profile, the timing cache's handling) is plain Python and works
+without it. Building, deserialising and enqueueing run under the engine's GPU (`torch.cuda.device`),
+so an engine for `cuda:1` is built for, and runs on, GPU 1.
 
 TensorRT 11 removed `BuilderFlag.FP16`; FP16 engines come from a strongly typed network whose
 tensors are already fp16 (our FP16 graph). TensorRT 10 accepts the same flag, so one code path
@@ -12,7 +14,9 @@ on torch streams: no pycuda.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import re
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -25,10 +29,17 @@ import torch
 
 from trt_relabel.backends import Backend, Pixels
 from trt_relabel.errors import RelabelError
-from trt_relabel.export import INPUT_NAME, OUTPUT_NAMES, GraphMetadata, read_graph_metadata, sha256_file
+from trt_relabel.export import (
+    INPUT_NAME,
+    OUTPUT_NAMES,
+    GraphMetadata,
+    graph_sha256,
+    read_graph_metadata,
+    sha256_file,
+)
 from trt_relabel.fileio import write_atomic
+from trt_relabel.trt_compat import check_tensorrt_compatible
 
-TIMING_CACHE_NAME = "tensorrt-timing.cache"
 #: Batches in flight in :meth:`TensorRTBackend.stream`: copy-in of n+1, compute of n, copy-out of n-1.
 PIPELINE_DEPTH = 3
 
@@ -42,7 +53,8 @@ class EngineSidecar:
     """The JSON written beside each engine: what it was built from, where, and what it takes.
 
     io: name -> {"mode": "input"|"output", "dtype": str, "shape": list (-1 = dynamic)}.
-    profile: (min, opt, max) batch of the optimisation profile.
+    profile: (min, opt, max) batch of the optimisation profile. `graph_sha256`: the graph it was
+    built from; `plan_sha256`: the plan's own bytes, checked before every use.
     """
 
     tensorrt_version: str
@@ -54,6 +66,7 @@ class EngineSidecar:
     profile: tuple[int, int, int]
     metadata: GraphMetadata
     built_at: str
+    plan_sha256: str
 
     def save(self, path: Path) -> None:
         write_atomic(path, json.dumps(dataclasses.asdict(self), indent=2).encode())
@@ -83,6 +96,31 @@ def current_environment(device: int = 0) -> Environment:
 
     major, minor = torch.cuda.get_device_capability(device)
     return Environment(trt.__version__, torch.cuda.get_device_name(device), f"{major}.{minor}")
+
+
+def timing_cache_path(folder: Path, env: Environment) -> Path:
+    """The timing cache of one TensorRT version and GPU model in `folder`: a cache of another version
+    or GPU is never loaded (`tensorrt-timing-<version>-<gpu>-sm<cc>.cache`)."""
+    gpu = re.sub(r"[^A-Za-z0-9.]+", "_", env.gpu_name).strip("_")
+    return folder / f"tensorrt-timing-{env.tensorrt_version}-{gpu}-sm{env.compute_capability}.cache"
+
+
+def load_timing_cache(config: Any, path: Path, log: Callable[[str], None]) -> None:
+    """Give the builder `config` (a `tensorrt.IBuilderConfig`) the timing cache saved at `path`; one
+    TensorRT refuses (another version or GPU, damaged) is replaced by an empty cache, with a line."""
+    serialized = path.read_bytes() if path.is_file() else b""
+    if config.set_timing_cache(config.create_timing_cache(serialized), ignore_mismatch=False):
+        return
+    log(f"timing cache {path} does not fit this TensorRT and GPU; starting an empty one")
+    if not config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False):
+        raise EngineError(f"{path}: TensorRT refuses even an empty timing cache")
+
+
+def save_timing_cache(config: Any, path: Path) -> None:
+    """Write the builder's timing cache to `path` (nothing when TensorRT has none)."""
+    cache = config.get_timing_cache()
+    if cache is not None:
+        write_atomic(path, bytes(cache.serialize()))
 
 
 def batch_profile(max_batch: int, opt_batch: int | None = None) -> tuple[int, int, int]:
@@ -137,30 +175,38 @@ def build_engine(
     workspace_bytes: int = 8 << 30,
     rebuild_stale: bool = True,
     log: Callable[[str], None] = print,
+    device: int = 0,
 ) -> Path:
-    """Build (or reuse) the FP16 engine of a strongly typed FP16 ONNX graph; returns the plan path.
+    """Build (or reuse) the FP16 engine of a strongly typed FP16 ONNX graph on GPU `device`; returns
+    the plan path.
 
-    An engine whose sidecar matches this graph, TensorRT, GPU and batch profile is reused. A stale
-    one is rebuilt when `rebuild_stale`, else refused with the rebuild command. The timing cache
-    `engines/tensorrt-timing.cache` is loaded and saved back.
+    An engine whose sidecar matches this graph, its own bytes, TensorRT, GPU and batch profile is
+    reused. A stale one is rebuilt when `rebuild_stale`, else refused with the rebuild command. The
+    graph is checked against TensorRT's parser rules (:mod:`trt_relabel.trt_compat`) before TensorRT
+    loads. The timing cache of this TensorRT and GPU (:func:`timing_cache_path`) is loaded and saved.
     """
     graph = Path(graph)
+    check_tensorrt_compatible(graph)
     plan, sidecar_path = engine_path(graph), engine_path(graph).with_suffix(".json")
-    env = current_environment()
+    env = current_environment(device)
     profile = batch_profile(max_batch, opt_batch)
-    graph_sha = sha256_file(graph)
+    graph_sha = graph_sha256(graph)
     if plan.is_file() and sidecar_path.is_file():
-        sidecar = EngineSidecar.load(sidecar_path)
         try:
+            sidecar = EngineSidecar.load(sidecar_path)
             if sidecar.graph_sha256 != graph_sha:
-                raise EngineError(f"{plan}: built from another graph")
+                raise EngineError(
+                    f"{plan}: built from another graph; rebuild it: {rebuild_command(sidecar.metadata, plan.parent)}"
+                )
             check_sidecar(sidecar, env, plan, max_batch)
+            check_plan(plan, sidecar)
             return plan
         except EngineError:
             if not rebuild_stale:
                 raise
             log(f"rebuilding stale engine {plan}")
-    serialized, io = _build_serialized(graph, profile, workspace_bytes, log)
+    with torch.cuda.device(device):
+        serialized, io = _build_serialized(graph, profile, workspace_bytes, timing_cache_path(graph.parent, env), log)
     write_atomic(plan, serialized)
     EngineSidecar(
         tensorrt_version=env.tensorrt_version,
@@ -172,12 +218,23 @@ def build_engine(
         profile=profile,
         metadata=read_graph_metadata(graph),
         built_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        plan_sha256=sha256_file(plan),
     ).save(sidecar_path)
     return plan
 
 
+def check_plan(plan: Path, sidecar: EngineSidecar, data: bytes | None = None) -> None:
+    """Refuse a plan whose bytes (`data`, else read from `plan`) are not those its sidecar records."""
+    found = hashlib.sha256(plan.read_bytes() if data is None else data).hexdigest()
+    if found != sidecar.plan_sha256:
+        raise EngineError(
+            f"{plan}: its bytes (sha256 {found[:16]}) are not those its sidecar records ({sidecar.plan_sha256[:16]}); "
+            f"rebuild it: {rebuild_command(sidecar.metadata, plan.parent)}"
+        )
+
+
 def _build_serialized(
-    graph: Path, profile: tuple[int, int, int], workspace_bytes: int, log: Callable[[str], None]
+    graph: Path, profile: tuple[int, int, int], workspace_bytes: int, cache_path: Path, log: Callable[[str], None]
 ) -> tuple[bytes, dict[str, dict[str, Any]]]:
     import tensorrt as trt
 
@@ -195,14 +252,12 @@ def _build_serialized(
     optimisation = builder.create_optimization_profile()
     optimisation.set_shape(pixels.name, *[(b, *size) for b in profile])
     config.add_optimization_profile(optimisation)
-    cache_path = graph.parent / TIMING_CACHE_NAME
-    cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
-    config.set_timing_cache(cache, ignore_mismatch=False)
+    load_timing_cache(config, cache_path, log)
     log(f"building TensorRT {trt.__version__} engine from {graph.name}, batch profile {profile} (minutes)")
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise EngineError(f"{graph}: TensorRT failed to build an engine (see the log above)")
-    write_atomic(cache_path, bytes(config.get_timing_cache().serialize()))
+    save_timing_cache(config, cache_path)
     io = {}
     for tensors, mode in (
         ([network.get_input(i) for i in range(network.num_inputs)], "input"),
@@ -227,16 +282,19 @@ class TensorRTBackend(Backend):
         plan = Path(plan)
         sidecar = EngineSidecar.load(plan.with_suffix(".json"))
         check_sidecar(sidecar, current_environment(device), plan, max_batch)
+        serialized = plan.read_bytes()
+        check_plan(plan, sidecar, serialized)
         self.metadata = sidecar.metadata
         self.graph_sha256 = sidecar.graph_sha256
         self.max_batch = sidecar.profile[2]
         self.device = torch.device("cuda", device)
         self._logger = trt.Logger(trt.Logger.WARNING)
-        self._runtime = trt.Runtime(self._logger)
-        self.engine = self._runtime.deserialize_cuda_engine(plan.read_bytes())
-        if self.engine is None:
-            raise EngineError(f"{plan}: TensorRT cannot deserialize the engine; rebuild it with build-engine")
-        self.context = self.engine.create_execution_context()
+        with torch.cuda.device(self.device):
+            self._runtime = trt.Runtime(self._logger)
+            self.engine = self._runtime.deserialize_cuda_engine(serialized)
+            if self.engine is None:
+                raise EngineError(f"{plan}: TensorRT cannot deserialize the engine; rebuild it with build-engine")
+            self.context = self.engine.create_execution_context()
         self.outputs = [n for n in self._tensor_names() if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
         self.name = f"tensorrt {trt.__version__} ({torch.cuda.get_device_name(device)}, fp16)"
         self._compute = torch.cuda.Stream(self.device)
@@ -277,26 +335,38 @@ class TensorRTBackend(Backend):
         batch = int(pixels.shape[0])
         if batch > self.max_batch:
             raise EngineError(f"batch {batch} exceeds the engine's profile maximum {self.max_batch}")
-        with torch.cuda.stream(self._copy_in):
-            if isinstance(pixels, torch.Tensor) and pixels.is_cuda:
-                slot["dev_in"][:batch].copy_(pixels, non_blocking=True)
-            else:
-                source = pixels if isinstance(pixels, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(pixels))
-                slot["host_in"][:batch].copy_(source)
-                slot["dev_in"][:batch].copy_(slot["host_in"][:batch], non_blocking=True)
-        self._compute.wait_stream(self._copy_in)
-        self.context.set_input_shape(INPUT_NAME, tuple(slot["dev_in"][:batch].shape))
-        self.context.set_tensor_address(INPUT_NAME, slot["dev_in"].data_ptr())
-        for name in self.outputs:
-            self.context.set_tensor_address(name, slot[f"dev_{name}"].data_ptr())
-        if not self.context.execute_async_v3(self._compute.cuda_stream):
-            raise EngineError("TensorRT execute_async_v3 failed")
-        self._copy_out.wait_stream(self._compute)
-        with torch.cuda.stream(self._copy_out):
+        with torch.cuda.device(self.device):
+            self._copy_in_pixels(slot, pixels, batch)
+            self._compute.wait_stream(self._copy_in)
+            self.context.set_input_shape(INPUT_NAME, tuple(slot["dev_in"][:batch].shape))
+            self.context.set_tensor_address(INPUT_NAME, slot["dev_in"].data_ptr())
             for name in self.outputs:
-                slot[f"host_{name}"][:batch].copy_(slot[f"dev_{name}"][:batch], non_blocking=True)
-            slot["done"].record(self._copy_out)
+                self.context.set_tensor_address(name, slot[f"dev_{name}"].data_ptr())
+            if not self.context.execute_async_v3(self._compute.cuda_stream):
+                raise EngineError("TensorRT execute_async_v3 failed")
+            self._copy_out.wait_stream(self._compute)
+            with torch.cuda.stream(self._copy_out):
+                for name in self.outputs:
+                    slot[f"host_{name}"][:batch].copy_(slot[f"dev_{name}"][:batch], non_blocking=True)
+                slot["done"].record(self._copy_out)
         return batch
+
+    def _copy_in_pixels(self, slot: dict[str, Any], pixels: Pixels, batch: int) -> None:
+        """Copy `pixels` into the slot's device input on the copy-in stream. GPU pixels (e.g. decoded by
+        nvJPEG) are produced on the caller's current stream: the copy waits for it, and the caching
+        allocator is told that the copy stream uses them (`record_stream`), so their memory is not
+        handed out again while the copy may still read it."""
+        if isinstance(pixels, torch.Tensor) and pixels.is_cuda:
+            producer = torch.cuda.current_stream(pixels.device)
+            self._copy_in.wait_stream(producer)
+            with torch.cuda.stream(self._copy_in):
+                slot["dev_in"][:batch].copy_(pixels, non_blocking=True)
+            pixels.record_stream(self._copy_in)
+            return
+        source = pixels if isinstance(pixels, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(pixels))
+        with torch.cuda.stream(self._copy_in):
+            slot["host_in"][:batch].copy_(source)
+            slot["dev_in"][:batch].copy_(slot["host_in"][:batch], non_blocking=True)
 
     def _collect(self, slot: dict[str, Any], batch: int) -> tuple[np.ndarray, np.ndarray]:
         slot["done"].synchronize()

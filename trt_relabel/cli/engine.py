@@ -50,6 +50,7 @@ def build_engine_command(
     TensorRT and a CUDA GPU are present. Unchanged inputs reuse the existing files."""
     from trt_relabel.backends import tensorrt_missing
     from trt_relabel.export import build_graphs
+    from trt_relabel.trt_compat import check_tensorrt_compatible
 
     built = build_graphs(
         teacher, checkpoint, size, topk, out, pretrained=not random_weights, verify=verify, log=console.print
@@ -62,6 +63,9 @@ def build_engine_command(
     )
     for path in (built.fp32, built.fp16):
         console.print(f"  {path}  ({path.stat().st_size / 2**20:.1f} MiB, {state})")
+    for path in (built.fp32, built.fp16):
+        check_tensorrt_compatible(path)
+    console.print("  both graphs follow TensorRT's ONNX parser rules")
     missing = tensorrt_missing()
     if missing:
         console.print(f"engine step skipped: it needs TensorRT and a CUDA GPU; {missing} is missing here")
