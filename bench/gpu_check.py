@@ -12,7 +12,10 @@
 5. `generate` end to end on the GPU (`--backend torch`, CPU and GPU decode) over --images.
 6. `train` on CUDA: resnet18 on --images in 4 class folders, relabel targets with CutMix and
    local labels, bf16 AMP, channels_last, 2 epochs then --resume to a 3rd.
-(bench/gpu_check.sh then runs bench/train_step.py on CUDA: relabel vs original step time.)
+7. ONNX Runtime on the GPU: the providers that really run, and what was reported (issue 16).
+8. With TensorRT: parser-rule check, engine build and rebuild from the timing cache, throughput,
+   GPU pixels from a busy stream, a second GPU when present (issue 16).
+(bench/gpu_check.sh then runs the CUDA/TensorRT tests and bench/train_step.py on CUDA.)
 """
 
 from __future__ import annotations
@@ -237,6 +240,7 @@ def main() -> None:
         steps.append(("fp16", lambda: fp16_agreement(prepared, sample)))
         steps.append(("generate", lambda: generate_check(args.images, args.engines)))
         steps.append(("train", lambda: train_check(photos, args.engines)))
+    steps.append(("onnxruntime", lambda: onnxruntime_check(args.engines, args.batch)))
     if tensorrt_importable():
         steps.append(("tensorrt", lambda: tensorrt_check(args.engines, args.batch)))
     if not args.skip_l2:
@@ -255,15 +259,70 @@ def main() -> None:
 
 
 def tensorrt_check(engines: Path, batch: int) -> dict:
-    from trt_relabel.tensorrt_engine import TensorRTBackend, build_engine
+    """Issue 16 on a GPU: the graphs pass the parser-rule check and TensorRT builds them; a rebuild
+    reuses the timing cache; the plan runs; GPU pixels written on a busy stream give the labels of
+    the same pixels from the host (the copy waits for the producing stream); a second GPU, if any,
+    builds and runs its own engine."""
+    from trt_relabel.tensorrt_engine import EngineSidecar, TensorRTBackend, build_engine
+    from trt_relabel.trt_compat import check_tensorrt_compatible
 
     graphs = build_graphs(out_dir=engines)
-    backend = TensorRTBackend(build_engine(graphs.fp16, max_batch=batch), max_batch=batch)
+    for path in (graphs.fp32, graphs.fp16):
+        check_tensorrt_compatible(path)
+    seconds = []
+    for _ in range(2):  # the second build starts from the timing cache the first one saved
+        started = time.perf_counter()
+        plan = build_engine(graphs.fp16, max_batch=batch)
+        seconds.append(round(time.perf_counter() - started, 1))
+        if len(seconds) == 1:
+            plan.unlink()
+    backend = TensorRTBackend(plan, max_batch=batch)
     pixels = np.random.default_rng(0).integers(0, 256, (batch, 475, 475, 3), dtype=np.uint8)
     rate = cuda_rate(lambda: backend(pixels), batch, 20)
     stream_rate = cuda_rate(lambda: list(backend.stream((n, pixels) for n in range(8))), batch * 8, 3)
-    result = {"tensorrt_fp16_img_per_s": round(rate, 1), "tensorrt_fp16_streamed_img_per_s": round(stream_rate, 1)}
+    host_values, host_indices = backend(pixels)
+    source = torch.from_numpy(pixels).cuda()
+    same = []
+    for _ in range(5):
+        on_gpu = torch.zeros_like(source)
+        torch.cuda._sleep(200_000_000)
+        on_gpu.copy_(source)
+        same.append(bool(np.array_equal(backend(on_gpu)[1], host_indices)))
+    result = {"tensorrt_fp16_img_per_s": round(rate, 1), "tensorrt_fp16_streamed_img_per_s": round(stream_rate, 1),
+              "build_seconds_first_then_with_timing_cache": seconds,
+              "gpu_pixels_from_busy_stream_same_labels": same}  # fmt: skip
+    if torch.cuda.device_count() > 1:
+        second = engines / "gpu1"
+        second.mkdir(exist_ok=True)
+        graph = second / graphs.fp16.name
+        graph.write_bytes(graphs.fp16.read_bytes())
+        plan1 = build_engine(graph, max_batch=batch, device=1)
+        on_gpu1 = TensorRTBackend(plan1, max_batch=batch, device=1)(pixels)[1]
+        result["gpu1"] = {"sidecar_gpu": EngineSidecar.load(plan1.with_suffix(".json")).gpu_name,
+                          "same_top1_as_gpu0": float((on_gpu1[:, 0] == host_indices[:, 0]).mean())}  # fmt: skip
     log("TensorRT FP16 engine (lite0 @475)", result)
+    return result
+
+
+def onnxruntime_check(engines: Path, batch: int) -> dict:
+    """Issue 16 on a GPU: which ONNX Runtime build and providers run here, what a session asked for
+    the best GPU provider really runs with, and whether anything was reported."""
+    from trt_relabel.backends import onnxruntime_providers, open_backend
+
+    lines: list[str] = []
+    backend = open_backend("onnxruntime", engines_dir=engines, max_batch=batch, log=lines.append)
+    pixels = np.random.default_rng(0).integers(0, 256, (batch, 475, 475, 3), dtype=np.uint8)
+    backend(pixels)
+    started = time.perf_counter()
+    for _ in range(5):
+        backend(pixels)
+    rate = batch * 5 / (time.perf_counter() - started)
+    import onnxruntime
+
+    result = {"onnxruntime": onnxruntime.__version__, "available_providers": onnxruntime_providers(),
+              "backend": backend.name, "fell_back": backend.fell_back, "reported": lines,
+              "img_per_s": round(rate, 1)}  # fmt: skip
+    log("ONNX Runtime on the GPU (lite0 @475, best provider)", result)
     return result
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -19,7 +20,7 @@ from trt_relabel.backends import (
     tensorrt_provider_fits,
     tensorrt_provider_options,
 )
-from trt_relabel.errors import UsageError
+from trt_relabel.errors import RelabelError, UsageError
 from trt_relabel.export import GraphMetadata
 from trt_relabel.tensorrt_engine import (
     EngineError,
@@ -417,3 +418,11 @@ def test_tensorrt_builds_and_runs_on_the_asked_gpu(bundled_graphs, tmp_path):
     with torch.cuda.device(0):  # the caller's current device does not matter
         assert np.array_equal(engine(torch.from_numpy(pixels).cuda(1))[1], on_gpu0[1])
     assert engine._slots[0]["dev_in"].device == torch.device("cuda", 1)
+
+
+def test_no_onnxruntime_build_is_one_clear_line(monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # neither the cpu nor the gpu extra installed
+    with pytest.raises(
+        RelabelError, match=r"ONNX Runtime is not installed; install one build: pip install 'trt-relabel\[cpu\]'"
+    ):
+        backends.onnxruntime_providers()

@@ -71,8 +71,9 @@ class StoreError(RelabelError):
 
 @dataclass(frozen=True)
 class StoreSpec:
-    """What labelled a store. A resume must match every field but `graph_sha256` (recorded only:
-    another backend or precision of the same teacher may continue a store)."""
+    """What labelled a store. A resume must match every field but `graph_sha256` (the graph that started
+    it: generate lets only a graph of the same teacher continue it, see
+    :func:`trt_relabel.backends.graph_may_continue`)."""
 
     teacher: str
     teacher_hash: str
