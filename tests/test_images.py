@@ -70,7 +70,8 @@ def test_listing_order_and_layout_are_those_of_a_sorted_rglob(tmp_path):
     """Same paths, order and classes as the earlier `sorted(rglob)` listing, on names whose sort
     order differs from a folder-by-folder walk ('a-b' < 'a/...' since '-' < '/')."""
     root = tmp_path / "data"
-    names = ["a/x.jpg", "a-b/y.png", "a/sub/z.webp", "a.b/.hidden.jpg", "a/.jpg", "a/UPPER.TIF", "b/c/d/e.gif"]
+    names = ["a/x.jpg", "a-b/y.png", "a/sub/z.webp", "a.b/.hidden.jpg", "a/.jpg", "a/..jpg", "a/UPPER.TIF"]
+    names.append("b/c/d/e.gif")
     for name in names:
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).write_bytes(b"x")

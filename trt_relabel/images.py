@@ -57,8 +57,14 @@ def is_image_file(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS
 
 
+_SUFFIXES = frozenset(IMAGE_EXTENSIONS)
+
+
 def _has_image_suffix(name: str) -> bool:
-    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS  # the suffix as Path.suffix reads it
+    """Whether the file name's suffix, as Path.suffix reads it (from the last dot, which must not
+    be the first character), is an image extension in any case."""
+    dot = name.rfind(".")
+    return dot > 0 and name[dot:].lower() in _SUFFIXES
 
 
 def _is_input(entry: os.DirEntry) -> bool:
