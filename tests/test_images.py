@@ -91,6 +91,8 @@ def test_listing_order_and_layout_are_those_of_a_sorted_rglob(tmp_path):
 LIST_AS_NOBODY = """
 import json, os, sys
 from PIL import Image
+from trt_relabel.errors import UsageError
+from trt_relabel.generate import find_inputs
 from trt_relabel.images import ImageLoadError, list_images, load_rgb
 Image.init()  # every import happens before dropping root's rights (nobody cannot read /root)
 if os.geteuid() == 0:
@@ -105,7 +107,11 @@ for entry in entries:
         load_rgb(f"{root}/{entry.path}")
     except ImageLoadError as e:
         reasons[entry.path] = str(e)
-print(json.dumps({"entries": [[e.path, e.class_index] for e in entries], "reasons": reasons}))
+try:
+    find_inputs(f"{root}/cat/locked")
+except UsageError as e:
+    refused = str(e)
+print(json.dumps({"entries": [[e.path, e.class_index] for e in entries], "reasons": reasons, "refused": refused}))
 """
 
 
