@@ -240,23 +240,25 @@ def _check_input(path: Path) -> None:
         raise ImageLoadError("empty file (0 bytes)")
 
 
-def _jpeg_pixels(data: bytes, *, check_only: bool = False) -> np.ndarray:
+def _strict_jpeg(data: bytes, rgb: bool) -> np.ndarray | None:
     """Decode a JPEG with libjpeg-turbo (simplejpeg), refusing one whose data is damaged.
 
-    Returns uint8 [H, W, 3] RGB (the pixels Pillow decodes, bit for bit), or with `check_only` a
-    1/8-scale CMYK decode that only checks the data. libjpeg *warns* and fills grey where data is
-    missing (a scan cut short, even when the file still ends in an EOI marker; a header that claims
-    more pixels than the data holds); such a warning raises ImageLoadError, except the
-    :data:`HARMLESS_JPEG_WARNINGS`, which lose no pixel.
+    libjpeg *warns* and fills grey where data is missing (a scan cut short, even when the file
+    still ends in an EOI marker; a header that claims more pixels than the data holds): such a
+    warning raises ImageLoadError, except the :data:`HARMLESS_JPEG_WARNINGS`, which lose no pixel.
+    Returns, with `rgb`, uint8 [H, W, 3] RGB (the pixels Pillow decodes, bit for bit); without, it
+    only checks (a 1/8-scale CMYK decode, for CMYK / YCCK JPEGs) and returns None. None too when a
+    harmless warning stopped libjpeg-turbo: Pillow decodes the file then.
     """
-    options = {"colorspace": "CMYK", "min_height": 1, "min_width": 1} if check_only else {"colorspace": "RGB"}
+    options = {"colorspace": "RGB"} if rgb else {"colorspace": "CMYK", "min_height": 1, "min_width": 1}
     try:
-        return simplejpeg.decode_jpeg(data, strict=True, **options)
+        pixels = simplejpeg.decode_jpeg(data, strict=True, **options)
     except ValueError as e:
         message = str(e).split("(): ", 1)[-1]
         if not any(harmless in message for harmless in HARMLESS_JPEG_WARNINGS):
             raise ImageLoadError(f"corrupt or truncated JPEG (libjpeg: {message})") from None
-    return simplejpeg.decode_jpeg(data, strict=False, **options)
+        return None
+    return pixels if rgb else None
 
 
 def _decode(file: BinaryIO) -> Image.Image:
@@ -266,11 +268,10 @@ def _decode(file: BinaryIO) -> Image.Image:
         img = Image.open(file, formats=RASTER_FORMATS)
     if img.format in ("JPEG", "MPO"):
         file.seek(0)
-        data = file.read()
-        if img.mode in ("RGB", "L"):
+        pixels = _strict_jpeg(file.read(), rgb=img.mode in ("RGB", "L"))
+        if pixels is not None:
             img.close()
-            return Image.fromarray(_jpeg_pixels(data))
-        _jpeg_pixels(data, check_only=True)  # CMYK / YCCK: checked by libjpeg-turbo, decoded by Pillow
+            return Image.fromarray(pixels)
     img.load()
     return img
 
@@ -280,7 +281,7 @@ def load_rgb(path: str | Path) -> Image.Image:
 
     Only the :data:`RASTER_FORMATS` are decoded, whatever the file's name (an EPS named .jpg never
     reaches Ghostscript). JPEGs are decoded by libjpeg-turbo through simplejpeg with its warnings
-    as errors (see :func:`_jpeg_pixels`); other formats by Pillow. CMYK, greyscale, palette and
+    as errors (see :func:`_strict_jpeg`); other formats by Pillow. CMYK, greyscale, palette and
     16-bit images are converted; transparency is composited onto white. Raises
     :class:`ImageLoadError` with a one-line reason for missing, unreadable, empty, corrupt or
     truncated files, broken or looping links, folders, other formats, and images over Pillow's
