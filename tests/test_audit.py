@@ -77,8 +77,11 @@ def dense_softmax(values: np.ndarray, indices: np.ndarray, axes: tuple[int, ...]
     return exp / exp.sum(axis=1, keepdims=True)
 
 
-def make_store(path: Path, maps: list[tuple[np.ndarray, np.ndarray]], labels: list[int], failed=()) -> Path:
-    samples = [ImageEntry(f"c{max(label, 0)}/img{row}.png", label) for row, label in enumerate(labels)]
+def make_store(path: Path, maps: list[tuple[np.ndarray, np.ndarray]], labels: list[int], failed=(), paths=None) -> Path:
+    """A store of `maps` with these folder `labels`; rows `failed` failed; sample paths
+    c<label>/img<row>.png unless given in `paths` (row -> path)."""
+    paths = paths or {}
+    samples = [ImageEntry(paths.get(row, f"c{max(label, 0)}/img{row}.png"), label) for row, label in enumerate(labels)]
     writer = create_store(path, StoreSpec("hand", "hand-1", "", 224, MAP, TOPK, NUM_CLASSES), samples)
     good = [row for row in range(len(labels)) if row not in failed]
     writer.write(np.array(good), np.stack([maps[r][0] for r in good]), np.stack([maps[r][1] for r in good]))
@@ -146,6 +149,9 @@ def test_small_second_object_is_not_multi_object(tmp_path):
     assert relaxed.objects[0] == 2 and relaxed.multi_object[0]
 
 
+ODD_PATH = "c5/<b>img1 & co.png"  # markup in a file name: shown as text
+
+
 @pytest.fixture(scope="module")
 def rule_store(tmp_path_factory) -> Path:
     """Rows: 0 label present; 1 label nowhere (suspect); 2 label 2nd everywhere; 3 label present in a
@@ -163,7 +169,8 @@ def rule_store(tmp_path_factory) -> Path:
         label_map(grid(3, right=(slice(None), slice(4, None), 9))),
         label_map(everywhere3),
     ]
-    return make_store(tmp_path_factory.mktemp("rules") / "store", maps, [3, 5, 4, 6, 7, 3, -1, -1], failed=(5,))
+    labels, paths = [3, 5, 4, 6, 7, 3, -1, -1], {1: ODD_PATH}
+    return make_store(tmp_path_factory.mktemp("rules") / "store", maps, labels, failed=(5,), paths=paths)
 
 
 def test_whole_image_target_suspects_and_order(rule_store):
@@ -231,18 +238,9 @@ def test_audit_writes_csv_real_labels_and_report(rule_store, tmp_path):
     lines = read_csv(out / "audit.csv")
     assert [int(line["row"]) for line in lines] == [1, 4, 2, 3, 0, 6, 7]
     first = lines[0]
-    assert (first["path"], first["label"], first["label_name"], first["teacher_top1"]) == (
-        "c5/img1.png",
-        "5",
-        "class 5",
-        "3",
-    )
-    assert (first["present"], first["present_names"], first["suspect"], first["multi_object"]) == (
-        "3",
-        "class 3",
-        "1",
-        "0",
-    )
+    assert (first["path"], first["label"], first["label_name"]) == (ODD_PATH, "5", "class 5")
+    assert (first["teacher_top1"], first["present"], first["present_names"]) == ("3", "3", "class 3")
+    assert (first["suspect"], first["multi_object"], first["label_rank"]) == ("1", "0", "12")
     assert lines[5]["present"] == "3 9" and lines[5]["multi_object"] == "1" and lines[5]["label_prob"] == ""
 
     real = json.loads((out / "labels.json").read_text())
@@ -254,6 +252,16 @@ def test_audit_writes_csv_real_labels_and_report(rule_store, tmp_path):
     assert sorted(p.name for p in (out / "thumbs").iterdir()) == ["row1.png", "row6.png"]
     assert Image.open(out / "thumbs" / "row6.png").size == (MAP[1], MAP[0])
     assert "label map only (no --data folder given)" in html and html.count('id="class-table"') == 1
+    assert "c5/&lt;b&gt;img1 &amp; co.png" in html and "<b>img1" not in html
+
+    data = tmp_path / "data"  # row 1's photo; row 6's is missing
+    (data / "c5").mkdir(parents=True)
+    Image.new("RGB", (400, 300), (200, 30, 30)).save(data / ODD_PATH)
+    audit(rule_store, out, data=data, top=3)
+    html = (out / "index.html").read_text()
+    assert set(re.findall(r'src="(thumbs/[^"]+)"', html)) == {"thumbs/row1.jpg", "thumbs/row1.png", "thumbs/row6.png"}
+    assert Image.open(out / "thumbs" / "row1.jpg").size == (240, 180)  # fitted into 240 x 240
+    assert html.count("photo unavailable: ") == 1 and "label map only" not in html
 
     (out / "thumbs" / "row99.jpg").write_bytes(b"old")  # an earlier report's thumbnail goes
     (out / "thumbs" / "notes.txt").write_text("mine")  # a file of the user's stays
