@@ -208,32 +208,18 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(reference, image_folder,
     command = [str(BIN / "trt-relabel"), *cli_args(image_folder, out, engines, "--batch-size", "1", "--workers", "0")]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     try:
-        labelled_at_kill = _kill_once_labelling(process, out / "status.npy")
+        _wait_for_a_labelled_row(process, out / "status.npy")
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
         process.wait()
     assert process.returncode == -signal.SIGKILL
-    assert 0 < labelled_at_kill < 12, "the run was not interrupted mid-way"
     pending = 12 - int(LabelStore(out).labelled().sum())
+    assert 0 < pending < 12, "the run was not interrupted mid-way"
 
     result = label(image_folder, out, engines)
     assert result.processed == pending and result.complete
     assert_same_store(out, reference)
-
-
-def _kill_once_labelling(process: subprocess.Popen, status_file: Path) -> int:
-    """Poll the store's status until a row is labelled, then kill -9 the run's process group.
-    Returns the rows labelled at that moment."""
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and process.poll() is None:
-        if status_file.exists():
-            labelled = int((np.load(status_file, mmap_mode="r") == 1).sum())
-            if labelled:
-                os.killpg(process.pid, signal.SIGKILL)
-                return labelled
-        time.sleep(0.002)
-    raise AssertionError(f"the run ended before labelling a row: {process.stderr.read().decode()[-2000:]}")
 
 
 #: `trt-relabel generate ARGS...` killed with SIGKILL at a moment: "building" (the new store is being
@@ -289,6 +275,40 @@ def test_the_next_run_removes_what_killed_runs_left(reference, image_folder, eng
     finally:
         stop(live)
     assert_same_store(out, reference)
+
+
+def test_a_second_writer_of_the_same_rows_is_refused(reference, image_folder, engines, tmp_path, monkeypatch, capfd):
+    out = tmp_path / "store"
+    args = cli_args(image_folder, out, engines, "--batch-size", "1", "--workers", "0", "--shard", "0/2")
+    first = subprocess.Popen([str(BIN / "trt-relabel"), *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        _wait_for_a_labelled_row(first, out / "status.npy")
+        first.send_signal(signal.SIGSTOP)  # paused mid-run, its rows' lock still held
+        status = np.load(out / "status.npy").copy()
+        assert 0 < (status == 1).sum() < 6
+        holder = f"process {first.pid} on {socket.gethostname()}"
+        for same_rows in (args, cli_args(image_folder, out, engines)):  # the same command; every row
+            code, err = run_main(monkeypatch, capfd, same_rows)
+            assert code == 2 and holder in err and "a second writer of the same rows is refused" in err, err
+            assert len(err.strip().splitlines()) == 1 and np.array_equal(np.load(out / "status.npy"), status)
+        code, err = run_main(monkeypatch, capfd, [*cli_args(image_folder, out, engines), "--overwrite"])
+        assert code == 2 and holder in err and "cannot be deleted now" in err
+        other = label(image_folder, out, engines, shard=(1, 2))  # other rows: the store is shared
+        assert (other.labelled, other.complete) == (6, False)
+    finally:
+        first.send_signal(signal.SIGCONT)
+    assert first.wait(timeout=300) == 0, first.stderr.read().decode()[-3000:]
+    assert_same_store(out, reference)  # the first one labelled the rest and completed the store
+
+
+def _wait_for_a_labelled_row(process: subprocess.Popen, status_file: Path) -> None:
+    """Poll the store's status (every 2 ms) until `process` has labelled a row."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        if status_file.exists() and (np.load(status_file, mmap_mode="r") == 1).any():
+            return
+        time.sleep(0.002)
+    raise AssertionError(f"the run ended before labelling a row: {process.stderr.read().decode()[-2000:]}")
 
 
 def test_torchrun_two_processes_equal_one(reference, image_folder, engines, tmp_path):

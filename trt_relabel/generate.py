@@ -12,11 +12,13 @@ depend on the batch it is in, so a resumed store equals an uninterrupted one bit
 
 Several processes: under `torchrun --nproc-per-node N` rank r labels the rows with row % N == r of
 one store (rank 0 creates and finishes it); `shard=(i, n)` does the same split without a process
-group, and the shard that ends last marks the store complete.
+group, and the shard that ends last marks the store complete. Each process holds the lock of its
+rows (:mod:`trt_relabel.locks`): a second writer of the same rows is refused (exit code 2).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import time
@@ -42,6 +44,7 @@ from trt_relabel.images import (
     read_file_list,
     resize_whole,
 )
+from trt_relabel.locks import check_no_writer, check_rows_free, claim_rows
 from trt_relabel.progress import progress_bar
 from trt_relabel.store import (
     ERRORS,
@@ -216,6 +219,13 @@ def default_workers() -> int:
     return max(1, cores - 1)
 
 
+def _relabel_error(message: str, exit_code: int) -> RelabelError:
+    """Another rank's RelabelError, raised again on this rank."""
+    error = RelabelError(message)
+    error.exit_code = exit_code
+    return error
+
+
 class _Group:
     """The torchrun process group (gloo, for barriers; created unless the caller made one), or a
     single process without one."""
@@ -249,10 +259,25 @@ class _Group:
                 raise
         self.dist.broadcast_object_list(outcome, src=0)
         if outcome[0] is not None:
-            error = RelabelError(outcome[0][0])
-            error.exit_code = outcome[0][1]
-            raise error
+            raise _relabel_error(*outcome[0])
         return result if self.rank == 0 else fn()
+
+    def on_every_rank(self, fn: Callable[[], object]) -> None:
+        """Run `fn` on every rank; when it raises a RelabelError on some rank, raise the first
+        rank's on every rank (a barrier)."""
+        if self.world == 1:
+            fn()
+            return
+        try:
+            fn()
+            outcome = None
+        except RelabelError as e:
+            outcome = (str(e), e.exit_code)
+        gathered = [None] * self.world
+        self.dist.all_gather_object(gathered, outcome)
+        failure = next((o for o in gathered if o is not None), None)
+        if failure is not None:
+            raise _relabel_error(*failure)
 
     def sum_and_max(self, count: int, seconds: float) -> tuple[int, float]:
         """Total `count` and longest `seconds` over the ranks (a barrier)."""
@@ -323,10 +348,12 @@ def generate(
     from trt_relabel.backends import open_backend
 
     group = _Group()
+    rows_lock = contextlib.ExitStack()
     try:
         if group.world > 1 and shard[1] > 1:
             raise UsageError("--shard cannot be combined with torchrun (the ranks already split the rows)")
         split = (group.rank, group.world) if group.world > 1 else shard
+        group.on_every_rank(lambda: _check_not_busy(out, split, len(samples), overwrite))
         show = progress and group.rank == 0
         log = console.print if show else (lambda _: None)
         runtime = group.rank0_first(
@@ -353,6 +380,7 @@ def generate(
             )
         )
         _check_same_teacher(writer, runtime)
+        group.on_every_rank(lambda: rows_lock.enter_context(claim_rows(out, split, len(samples))))
         if retry_failed:  # rank 0 reopens the failed rows of every rank before any rank lists its own
             reopen = split if group.world == 1 else (0, 1)
             group.rank0_first(lambda: writer.retry_failed(reopen) if group.rank == 0 else 0)
@@ -367,6 +395,7 @@ def generate(
         result = _result(writer, runtime.name, scope, processed, seconds, complete)
         return dataclasses.replace(result, rank=group.rank, warmup=warmup)
     finally:
+        rows_lock.close()
         group.close()
 
 
@@ -379,6 +408,17 @@ def _check_writable(out: Path) -> None:
         if not os.access(target, os.W_OK):
             reason = "read-only file system" if _read_only_fs(target) else "permission denied"
             raise StoreError(f"{target}: cannot write the store there ({reason})")
+
+
+def _check_not_busy(out: Path, split: tuple[int, int], num_rows: int, overwrite: bool) -> None:
+    """Fail before the (slow) backend start when a live process labels rows of the existing store
+    that this run would write (with `overwrite`: any row); claim_rows decides later."""
+    if not (out / MANIFEST).is_file():
+        return
+    if overwrite:
+        check_no_writer(out)
+    else:
+        check_rows_free(out, split, num_rows)
 
 
 def _read_only_fs(path: Path) -> bool:
@@ -437,7 +477,8 @@ def _relist(
             f"{store.path}: {which} can now be listed: run --retry-failed once without --shard or torchrun "
             "to take its images into the store"
         )
-    relist_folders(store, data, samples)
+    with claim_rows(out, (0, 1), len(store)):  # no process may label the store while its files are replaced
+        relist_folders(store, data, samples)
     console.print(Text(f"{store.path}: {which} can now be listed: the store lists its images (labels kept)"))
     return True
 

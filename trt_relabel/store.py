@@ -32,6 +32,7 @@ from trt_relabel import __version__
 from trt_relabel.errors import RelabelError
 from trt_relabel.fileio import remove_stale, temporary_dir, umask, write_atomic
 from trt_relabel.images import ImageEntry, first_difference
+from trt_relabel.locks import check_no_writer, remove_lock_files
 
 FORMAT = "trt-relabel-store/1"
 
@@ -361,6 +362,7 @@ def _remove_store(path: Path) -> None:
         (path / name).unlink(missing_ok=True)
     for leftover in path.glob(".*.tmp"):
         leftover.unlink(missing_ok=True)
+    remove_lock_files(path)
     if not any(path.iterdir()):
         path.rmdir()
 
@@ -391,6 +393,7 @@ def create_store(
     try:
         _remove_leftovers(path)
         if overwrite and (path / MANIFEST).exists():
+            check_no_writer(path)
             _remove_store(path)
         if path.exists() and not path.is_dir():
             raise StoreError(f"{path}: exists and is not a directory")
