@@ -427,7 +427,7 @@ def test_mismatched_resume_is_refused(reference, image_folder, engines, tmp_path
     code, err = run_main(monkeypatch, capfd, cli_args(image_folder, out, engines, "--topk", "3"))
     assert code == 1
     assert err.strip().splitlines() == [f"error: {out}: the store was built with topk=5 (this run: 3); "
-                                        "pass --overwrite (overwrite=True) to start over"]  # fmt: skip
+                                        "pass --overwrite to start over"]  # fmt: skip
     listed = tmp_path / "list.txt"
     listed.write_text("cat/chelsea.jpg\n")
     code, err = run_main(monkeypatch, capfd, cli_args(image_folder, out, engines, "--file-list", str(listed)))

@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ import torch
 from PIL import Image
 
 from trt_relabel.images import ImageEntry, list_images
-from trt_relabel.interop import RELABEL_SPEC, import_relabel, merge_maps, merge_stores
+from trt_relabel.interop import RELABEL_SPEC, TEACHER_FILE, import_relabel, merge_maps, merge_stores
 from trt_relabel.store import LabelStore, StoreError, StoreSpec, create_store
 
 CLI = Path(sys.executable).parent / "trt-relabel"
@@ -107,7 +108,7 @@ def test_import_export_round_trip(official, tmp_path):
     result = run_cli("export-relabel", tmp_path / "store", "--out", tmp_path / "exported", "--workers", "2")
     assert result.returncode == 0, result.stderr
     exported = sorted(p.relative_to(tmp_path / "exported").as_posix() for p in (tmp_path / "exported").rglob("*"))
-    assert exported == sorted([*WNIDS, *(str(Path(p).with_suffix(".pt")) for p in maps)])
+    assert exported == sorted([*WNIDS, TEACHER_FILE, *(str(Path(p).with_suffix(".pt")) for p in maps)])
     for n, (path, original) in enumerate(sorted(maps.items())):
         tensor = torch.load(tmp_path / "exported" / Path(path).with_suffix(".pt"), weights_only=True)
         assert tensor.dtype == torch.float32 and tensor.shape == (2, 5, 15, 15)
@@ -119,6 +120,28 @@ def test_import_export_round_trip(official, tmp_path):
     assert again.failed == 0
     reimported = LabelStore(tmp_path / "again")
     assert np.array_equal(reimported.values, store.values) and np.array_equal(reimported.indices, store.indices)
+
+
+def test_export_then_import_keeps_the_teacher(official, tmp_path):
+    """Maps exported from a store of another teacher come back under that teacher's name and hash,
+    not as the official maps."""
+    data, _, _ = official
+    samples = list_images(data)
+    teacher = StoreSpec("efficientnet_lite0", "1f" * 32, "2e" * 32, 475, (15, 15), 5, 1000)
+    maps = [official_map(n, float16_exact=True) for n in range(len(samples))]
+    values, indices = (np.stack([m[i].numpy() for m in maps]) for i in (0, 1))
+    make_store(tmp_path / "store", teacher, samples, values, indices.astype(np.int64))
+    assert run_cli("export-relabel", tmp_path / "store", "--out", tmp_path / "maps").returncode == 0
+    imported = run_cli("import-relabel", tmp_path / "maps", "--data", data, "--out", tmp_path / "again")
+    assert imported.returncode == 0, imported.stderr
+    again = LabelStore(tmp_path / "again")
+    assert again.spec == teacher and np.array_equal(again.values, LabelStore(tmp_path / "store").values)
+
+    other = StoreSpec("small", "3d" * 32, "", 224, (7, 7), 3, 1000)
+    (tmp_path / "maps" / TEACHER_FILE).write_text(json.dumps(asdict(other)))
+    refused = run_cli("import-relabel", tmp_path / "maps", "--data", data, "--out", tmp_path / "third")
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1
+    assert "top-3 of 7x7 cells" in refused.stderr and not (tmp_path / "third").exists()
 
 
 def test_bad_files_are_listed_and_the_rest_imported(tmp_path):
@@ -368,3 +391,22 @@ def test_merge_cli_errors(two_teachers, tmp_path):
     assert ok.returncode == 0, ok.stderr
     assert np.array_equal(LabelStore(tmp_path / "m3").values[0, 0, 0], [5.5, 2.375])
     assert json.loads((tmp_path / "m3" / "manifest.json").read_text())["merged_from"][1]["path"] == str(b)
+    assert run_cli("merge", a, b, "--out", tmp_path / "m3", "--weights", "1,3").returncode == 0  # resumed
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"weights": [1, 1]}, "input 1 weight 0.25 (this run: 0.5)"),
+        ({"topk": 2}, "topk 3 (this run: 2)"),
+        ({"swap": True}, "input 1 path"),
+    ],
+)
+def test_resumed_merge_names_the_field_that_differs(two_teachers, tmp_path, change, message):
+    a, b = two_teachers
+    merge_stores([a, b], tmp_path / "merged", weights=[1, 3])
+    inputs = [b, a] if change.get("swap") else [a, b]
+    with pytest.raises(StoreError) as error:
+        merge_stores(inputs, tmp_path / "merged", weights=change.get("weights", [1, 3]), topk=change.get("topk"))
+    assert message in str(error.value) and "pass --overwrite to start over" in str(error.value)
+    assert not re.search("[0-9a-f]{64}", str(error.value))

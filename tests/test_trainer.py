@@ -424,3 +424,35 @@ def test_a_batch_with_no_readable_image_stops_training(image_folder, label_store
         image.write_bytes(b"")
     with pytest.raises(RelabelError, match=r"^every image of a batch of 4 is unreadable, e\.g\. .*: empty file"):
         train(tiny_config(data, label_store, tmp_path / "run", epochs=1, workers=1))
+
+
+def test_cli_progress_shows_the_loss_from_the_first_step(image_folder, label_store, tmp_path, monkeypatch, capsys):
+    """The bar's loss: '-' before the first step (not nan), then the epoch's mean loss after every
+    refresh interval (here 0 s: every step); the summary counts '1 epoch'."""
+    import rich.progress
+
+    from trt_relabel import trainer
+    from trt_relabel.cli import main
+
+    shown = []
+    for method in ("add_task", "update"):
+        original = getattr(rich.progress.Progress, method)
+
+        def record(self, *args, _original=original, **fields):
+            shown.append(fields.get("loss"))
+            return _original(self, *args, **fields)
+
+        monkeypatch.setattr(rich.progress.Progress, method, record)
+    monkeypatch.setattr(trainer, "LOSS_REFRESH_SECONDS", 0.0)
+    recipe = tmp_path / "tiny.toml"
+    recipe.write_text(
+        'model = "resnet18"\nimage_size = 64\nbatch_size = 4\nlr = 0.05\nworkers = 0\ncolor_jitter = 0.0\n'
+    )
+    args = ["train", "--config", recipe, "--epochs", "1", "--data", image_folder, "--labels", label_store]
+    monkeypatch.setattr(sys, "argv", ["trt-relabel", *map(str, args), "--out", str(tmp_path / "run")])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code in (0, None)
+    assert shown[0] == "-" and len(shown) == 4  # add_task, then 3 steps of 4 images
+    assert all(math.isfinite(float(loss)) for loss in shown[1:])
+    assert f"trained 1 epoch in {tmp_path / 'run'}; last epoch: loss" in capsys.readouterr().err

@@ -17,3 +17,9 @@ class UsageError(RelabelError):
     """Wrong options or arguments: exit code 2."""
 
     exit_code = 2
+
+
+class Interrupted(RelabelError):
+    """Ctrl-C (SIGINT): the message says what was kept; exit code 130, as shells report SIGINT."""
+
+    exit_code = 130

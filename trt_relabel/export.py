@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from trt_relabel import __version__
-from trt_relabel.errors import RelabelError
+from trt_relabel.errors import RelabelError, UsageError
 from trt_relabel.teacher import (
     FullyConvolutional,
     TeacherConfig,
@@ -149,7 +149,7 @@ def prepare_teacher(
     """Create, load and convert a teacher; compute its metadata and content hash."""
     config = get_teacher_config(teacher, size)
     if not 1 <= topk <= config.num_classes:
-        raise RelabelError(f"top-k must be in [1, {config.num_classes}], got {topk}")
+        raise UsageError(f"--topk {topk}: must lie in [1, {config.num_classes}] (the teacher's classes)")
     fcn = to_fully_convolutional(create_teacher(config, checkpoint, pretrained), config.input_size)
     options = {"config": dataclasses.asdict(config), "topk": topk, "weights": weights_hash(fcn)}
     content_hash = hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest()

@@ -30,11 +30,10 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import torch
-from rich.console import Console
 from rich.text import Text
 from torch.utils.data import DataLoader, default_collate
 
-from trt_relabel.errors import RelabelError, UsageError
+from trt_relabel.errors import Interrupted, RelabelError, UsageError
 from trt_relabel.images import (
     IMAGE_EXTENSIONS,
     ImageEntry,
@@ -59,12 +58,10 @@ from trt_relabel.store import (
     check_resumable,
     create_store,
 )
+from trt_relabel.terminal import console
 
 if TYPE_CHECKING:
     from trt_relabel.backends import Backend
-
-#: Progress and reports go to stderr, as the CLI's.
-console = Console(stderr=True, soft_wrap=True)
 
 
 @dataclass(frozen=True)
@@ -387,7 +384,14 @@ def generate(
         pending = writer.pending_rows(split)
         share = f" (rank 0's share; {group.world} ranks)" if group.world > 1 else ""
         log(f"labelling {len(pending)} of {len(samples)} images{share} with {runtime.name} into {out}")
-        timing = _label_rows(writer, runtime, Path(data), samples, pending, batch_size, workers, show, decode)
+        try:
+            timing = _label_rows(writer, runtime, Path(data), samples, pending, batch_size, workers, show, decode)
+        except KeyboardInterrupt:
+            labelled = int((writer.status() == LABELLED).sum())
+            raise Interrupted(
+                f"interrupted: {labelled} of {len(samples)} images of {out} are labelled and kept; "
+                "rerun the same command to resume"
+            ) from None
         processed, seconds = group.sum_and_max(timing.processed, timing.seconds)
         warmup = group.sum_and_max(*timing.warmup)
         complete = writer.finish() if group.rank == 0 else False
@@ -526,6 +530,21 @@ def _result(
     )
 
 
+#: The first batch of a run: the progress bar moves (and shows a rate and an ETA) after this many images.
+FIRST_BATCH = 8
+
+
+def ramp_batches(count: int, batch_size: int, first: int = FIRST_BATCH) -> list[range]:
+    """Batches of dataset items 0..count-1 in order: `first`, then doubling up to `batch_size`, then
+    `batch_size` each, so that a large batch does not keep the progress bar at 0 for its whole first
+    batch (the pipeline fill). ONNX Runtime's CPU labels do not depend on the batch an image is in."""
+    batches, start, size = [], 0, min(first, batch_size)
+    while start < count:
+        batches.append(range(start, min(start + size, count)))
+        start, size = start + size, min(2 * size, batch_size)
+    return batches
+
+
 class _LoopTiming(NamedTuple):
     processed: int  # rows labelled or failed
     seconds: float
@@ -550,7 +569,9 @@ def _label_rows(
     warmup = None
     meta = backend.metadata
     dataset = PendingImages(data, samples, rows, meta.input_size, meta.interpolation, decode)
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate)
+    loader = DataLoader(
+        dataset, batch_sampler=ramp_batches(len(rows), batch_size), num_workers=workers, collate_fn=collate
+    )
     done = 0
     with progress_bar(console, show) as bar:
         task = bar.add_task("labelling", total=len(rows))

@@ -20,14 +20,25 @@ import posixpath
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
 
 import numpy as np
 
 from trt_relabel.errors import UsageError
+from trt_relabel.fileio import write_atomic
 from trt_relabel.images import ImageEntry, first_difference, list_images
-from trt_relabel.store import ERRORS, FAILED, FLOAT16_MAX, LabelStore, StoreError, StoreSpec, StoreWriter, create_store
+from trt_relabel.store import (
+    ERRORS,
+    FAILED,
+    FLOAT16_MAX,
+    MANIFEST,
+    LabelStore,
+    StoreError,
+    StoreSpec,
+    StoreWriter,
+    create_store,
+)
 
 #: What labelled the official maps: EfficientNet-L2 at 475 px, top-5 of 15 x 15 cells.
 RELABEL_SPEC = StoreSpec(
@@ -40,6 +51,9 @@ RELABEL_SPEC = StoreSpec(
     num_classes=1000,
 )
 RELABEL_SHAPE = (2, RELABEL_SPEC.topk, *RELABEL_SPEC.map_size)
+#: Written by export-relabel beside the maps: the StoreSpec of the teacher that made them (JSON), so
+#: that import-relabel keeps its name and hash.
+TEACHER_FILE = "trt-relabel-teacher.json"
 
 #: Called with (rows done, rows to do) as the work of one call progresses.
 ProgressCallback = Callable[[int, int], None]
@@ -202,7 +216,8 @@ def import_relabel(
         if not folder.is_dir():
             raise UsageError(f"{folder}: not a directory")
     samples = list_images(data_dir)
-    writer = create_store(out, RELABEL_SPEC, samples, overwrite=overwrite, extra_manifest={"source": "import-relabel"})
+    spec = _exported_spec(relabel_root)
+    writer = create_store(out, spec, samples, overwrite=overwrite, extra_manifest={"source": "import-relabel"})
     if retry_failed:
         writer.retry_failed()
     pending = writer.pending_rows()
@@ -226,6 +241,25 @@ def import_relabel(
         already_done=already_done,
         complete=complete,
     )
+
+
+def _exported_spec(relabel_root: Path) -> StoreSpec:
+    """The teacher of maps that export-relabel wrote (its TEACHER_FILE), else :data:`RELABEL_SPEC`
+    (the official maps). Maps of another shape than the official one are refused."""
+    path = relabel_root / TEACHER_FILE
+    if not path.is_file():
+        return RELABEL_SPEC
+    try:
+        spec = StoreSpec.from_manifest(json.loads(path.read_text()))
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
+        raise StoreError(f"{path}: unreadable teacher file ({type(e).__name__}: {e})") from None
+    official = (RELABEL_SPEC.row_shape, RELABEL_SPEC.num_classes)
+    if (spec.row_shape, spec.num_classes) != official:
+        raise UsageError(
+            f"{path}: the maps hold top-{spec.topk} of {spec.map_size[0]}x{spec.map_size[1]} cells over "
+            f"{spec.num_classes} classes; import-relabel reads the official top-5 of 15x15 over 1000 classes"
+        )
+    return spec
 
 
 def _num_failed(writer: StoreWriter) -> int:
@@ -292,6 +326,8 @@ def export_relabel(
     finally:
         if pool:
             pool.shutdown(cancel_futures=True)
+    out_root.mkdir(parents=True, exist_ok=True)
+    write_atomic(out_root / TEACHER_FILE, json.dumps(asdict(store.spec), indent=2) + "\n")
     return len(rows)
 
 
@@ -374,6 +410,37 @@ def _merged_spec(stores: list[LabelStore], weights: np.ndarray, topk: int) -> St
     )
 
 
+def _check_same_merge(out: Path, merged_from: list[dict], topk: int) -> None:
+    """Refuse to resume an earlier merge into `out` of other inputs, weights or k, naming the first
+    field that differs (the merged teacher hash would only say that something does)."""
+    if not (out / MANIFEST).is_file():
+        return
+    earlier = LabelStore(out).manifest
+    before = earlier.get("merged_from")
+    if not isinstance(before, list):
+        return  # not a merge: create_store says how it differs
+    differences = [f"topk {earlier['topk']} (this run: {topk})"] if earlier["topk"] != topk else []
+    if len(before) != len(merged_from):
+        differences.append(f"{len(before)} input stores (this run: {len(merged_from)})")
+    for number, (old, new) in enumerate(zip(before, merged_from, strict=False), start=1):
+        differences += [
+            f"input {number} {field} {_short(old.get(field))} (this run: {_short(new[field])})"
+            for field in ("path", "teacher", "teacher_hash", "weight")
+            if old.get(field) != new[field]
+        ]
+    if differences:
+        raise StoreError(
+            f"{out}: an earlier merge into this store had {differences[0]}; pass --overwrite to start over"
+        )
+
+
+def _short(value: object) -> str:
+    """A manifest value for a message: hashes cut to 12 hex digits, weights to 4 significant ones."""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return value[:12] if isinstance(value, str) and len(value) == 64 else str(value)
+
+
 @dataclass(frozen=True)
 class MergeSummary:
     """Result of :func:`merge_stores`: rows `merged` in this run, `failed` rows of the output."""
@@ -419,6 +486,8 @@ def merge_stores(
         ]
     }
     samples = stores[0].samples
+    if not overwrite:
+        _check_same_merge(Path(out), manifest["merged_from"], topk)
     writer = create_store(
         out, _merged_spec(stores, normalised, topk), samples, overwrite=overwrite, extra_manifest=manifest
     )

@@ -155,7 +155,8 @@ def _read_manifest(path: Path) -> dict:
     try:
         manifest = json.loads(file.read_text())
     except FileNotFoundError:
-        raise StoreError(f"{path}: not a label store (no {MANIFEST})") from None
+        problem = f"not a label store (no {MANIFEST})" if path.exists() else "no such store (the path does not exist)"
+        raise StoreError(f"{path}: {problem}") from None
     except (OSError, ValueError) as e:
         raise StoreError(f"{file}: unreadable manifest ({e})") from None
     if not isinstance(manifest, dict):
@@ -282,7 +283,7 @@ def check_resumable(path: str | Path, samples: list[ImageEntry], **spec_fields) 
     try:
         store = LabelStore(path)
     except StoreError as e:
-        raise StoreError(f"{e}; pass --overwrite (overwrite=True) to start over") from None
+        raise StoreError(f"{e}; pass --overwrite to start over") from None
     problems = [
         f"{name}={getattr(store.spec, name)!r} (this run: {value!r})"
         for name, value in spec_fields.items()
@@ -293,8 +294,7 @@ def check_resumable(path: str | Path, samples: list[ImageEntry], **spec_fields) 
         problems.append(f"a different input list: {different_inputs}")
     if problems:
         raise StoreError(
-            f"{store.path}: the store was built with {'; '.join(problems)}; "
-            "pass --overwrite (overwrite=True) to start over"
+            f"{store.path}: the store was built with {'; '.join(problems)}; pass --overwrite to start over"
         )
     return store
 

@@ -8,7 +8,9 @@ original logits.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -16,7 +18,7 @@ import timm
 import torch
 from torch import nn
 
-from trt_relabel.errors import RelabelError
+from trt_relabel.errors import RelabelError, UsageError
 
 #: Relative error allowed between the label map's spatial mean and the original logits.
 CONVERSION_TOLERANCE = 1e-4
@@ -101,8 +103,8 @@ def get_teacher_config(name: str, input_size: int | None = None) -> TeacherConfi
     elif name in TEACHERS:
         config = TEACHERS[name]
     else:
-        known = ", ".join([*TEACHERS, "timm:<model name>"])
-        raise TeacherError(f"unknown teacher {name!r}; known: {known}")
+        known = ", ".join([*TEACHERS, "timm:MODEL"])
+        raise UsageError(f"unknown teacher {name!r}{_did_you_mean(name, TEACHERS)}; known: {known}")
     if input_size is not None:
         if input_size < 32:
             raise TeacherError(f"input size {input_size} is too small (at least 32)")
@@ -110,10 +112,17 @@ def get_teacher_config(name: str, input_size: int | None = None) -> TeacherConfi
     return config
 
 
+def _did_you_mean(name: str, known: Iterable[str], prefix: str = "") -> str:
+    """'; did you mean X?' for the known names closest to `name` (as typer suggests commands), or ''."""
+    matches = difflib.get_close_matches(name, list(known), n=3)
+    return f"; did you mean {' or '.join(repr(prefix + m) for m in matches)}?" if matches else ""
+
+
 def _timm_config(name: str) -> TeacherConfig:
     model_name = name.removeprefix("timm:")
     if not timm.is_model(model_name):
-        raise TeacherError(f"{name}: timm has no model named {model_name!r}")
+        suggestion = _did_you_mean(model_name, timm.list_models(), prefix="timm:")
+        raise UsageError(f"{name}: timm has no model named {model_name!r}{suggestion}")
     cfg = timm.models.get_pretrained_cfg(model_name)
     if cfg is None:
         raise TeacherError(f"{name}: timm has no pretrained config for {model_name!r}")
@@ -216,15 +225,57 @@ def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str) 
 
 
 def _from_hub(config: TeacherConfig) -> nn.Module:
+    """timm's pretrained model: from the local hub cache when the weights are there, else downloaded;
+    fails at once, without huggingface_hub's minute of retries, when the hub cannot be reached."""
+    cached = _cached_hub_weights(config.architecture)
+    problem = None if cached else _hub_unreachable()
+    if problem is None:
+        overlay = {"file": cached} if cached else None
+        try:
+            return timm.create_model(
+                config.architecture, pretrained=True, num_classes=config.num_classes, pretrained_cfg_overlay=overlay
+            )
+        except Exception as e:  # noqa: BLE001 - network, hub and cache errors all mean "no weights"
+            problem = " ".join(str(e).split()) or type(e).__name__
+    raise TeacherError(
+        f"{config.name}: cannot fetch the weights of {config.architecture} from timm's hub ({problem}); "
+        f"download them where there is network and pass --checkpoint PATH (a .safetensors or .pth state dict)"
+    )
+
+
+def _cached_hub_weights(architecture: str) -> str | None:
+    """The weight file of a timm model in the local Hugging Face cache, or None."""
+    from huggingface_hub import try_to_load_from_cache
+
+    cfg = timm.models.get_pretrained_cfg(architecture)
+    if cfg is None or not cfg.hf_hub_id:
+        return None
+    repo, _, revision = cfg.hf_hub_id.partition("@")
+    for filename in (cfg.hf_hub_filename, "model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"):
+        if filename:
+            found = try_to_load_from_cache(repo, filename, revision=revision or None)
+            if isinstance(found, str):
+                return found
+    return None
+
+
+def _hub_unreachable(timeout: float = 5.0) -> str | None:
+    """Why the Hugging Face hub cannot be reached (HF_HUB_OFFLINE, no route or name to it or to the
+    HTTPS proxy), or None."""
+    import socket
+    from urllib.parse import urlsplit
+    from urllib.request import getproxies
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    url = urlsplit(getproxies().get("https") or constants.ENDPOINT)
     try:
-        return timm.create_model(config.architecture, pretrained=True, num_classes=config.num_classes)
-    except Exception as e:  # noqa: BLE001 - network, hub and cache errors all mean "no weights"
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise TeacherError(
-            f"{config.name}: cannot fetch the weights of {config.architecture} from timm's hub "
-            f"(offline? {reason[:160]}); download them where there is network and pass "
-            f"--checkpoint PATH (a .safetensors or .pth state dict)"
-        ) from None
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+    except OSError as e:
+        return f"{url.hostname} cannot be reached: {e.strerror or e}"
+    return None
 
 
 def weights_hash(model: nn.Module) -> str:

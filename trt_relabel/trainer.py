@@ -32,7 +32,6 @@ import timm
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from rich.text import Text
 from timm.data import resolve_data_config
 from torch import Tensor, nn
 
@@ -63,12 +62,14 @@ from trt_relabel.targets import (
     sample_cutmix,
     soft_cross_entropy,
 )
+from trt_relabel.terminal import warning
 
 LABEL_MODES = ("relabel", "original", "smooth", "relabel+original")
 AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 CHECKPOINT = "checkpoint.pt"
 #: Steps between looks at the loss for NaN / inf (each a host sync, and an all-reduce under torchrun).
 LOSS_CHECK_STEPS = 10
+LOSS_REFRESH_SECONDS = 0.5  # how often the progress bar shows the epoch's mean loss so far
 METRICS = "metrics.jsonl"
 
 
@@ -446,7 +447,7 @@ def _progress(console):
         TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]:>7.1f} img/s  loss {task.fields[loss]:.4f}"),
+        TextColumn("{task.fields[rate]:>7.1f} img/s  loss {task.fields[loss]}"),
         TimeRemainingColumn(),
         console=console,
         disable=console is None,
@@ -483,12 +484,10 @@ def _train(config: TrainConfig, process: Process, console) -> TrainResult:
     skipped = unlabelled + nonfinite
     if console is not None:
         if unlabelled:
-            console.print(
-                f"[yellow]warning:[/] skipping {unlabelled} of {len(entries)} images the store has not labelled"
-            )
+            console.print(warning(f"skipping {unlabelled} of {len(entries)} images the store has not labelled"))
         if nonfinite:
             message = f"{config.labels}: skipping {nonfinite} images whose labels hold non-finite scores (NaN or inf)"
-            console.print(Text.assemble(("warning: ", "yellow"), message))
+            console.print(warning(message))
     if config.batch_size % process.world_size:
         raise UsageError(f"batch_size {config.batch_size} is not divisible by {process.world_size} processes")
     batch_size = config.batch_size // process.world_size
@@ -560,7 +559,7 @@ def _train(config: TrainConfig, process: Process, console) -> TrainResult:
         for epoch in range(start_epoch, config.epochs):
             sampler.set_epoch(epoch)
             generator.manual_seed(int(np.random.SeedSequence([config.seed, epoch, process.rank]).generate_state(1)[0]))
-            task = progress.add_task(f"epoch {epoch + 1}/{config.epochs}", total=steps, rate=0.0, loss=float("nan"))
+            task = progress.add_task(f"epoch {epoch + 1}/{config.epochs}", total=steps, rate=0.0, loss="-")
             started = time.perf_counter()
             loss_sum, images_seen, last_lr, bad_step, unreadable = _train_epoch(
                 student, loader, optimizer, scheduler, scaler, amp, config, num_classes, process, progress, task
@@ -648,7 +647,7 @@ def _warn_unreadable(console, line: dict, unreadable: list[str]) -> None:
     counts = f"{line['unreadable']} training images" + (
         f" and {line['val_unreadable']} validation images" if line["val_unreadable"] else ""
     )
-    console.print(Text(f"warning: epoch {line['epoch']} skipped {counts} that cannot be decoded{example}"))
+    console.print(warning(f"epoch {line['epoch']} skipped {counts} that cannot be decoded{example}"))
 
 
 def _train_epoch(student, loader, optimizer, scheduler, scaler, amp, config, num_classes, process, progress, task):
@@ -662,7 +661,7 @@ def _train_epoch(student, loader, optimizer, scheduler, scaler, amp, config, num
     first_bad = torch.full((), -1, dtype=torch.int64, device=process.device)
     images_seen = 0
     unreadable: list[str] = []
-    started = time.perf_counter()
+    started = shown = time.perf_counter()
     for step, batch in enumerate(loader):
         unreadable += batch.unreadable
         _check_readable(batch)
@@ -673,11 +672,13 @@ def _train_epoch(student, loader, optimizer, scheduler, scaler, amp, config, num
         loss_sum += loss
         first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
         images_seen += len(batch.labels)
-        fields_ = {"rate": images_seen * process.world_size / (time.perf_counter() - started)}
-        if step % LOSS_CHECK_STEPS == 0:
-            fields_["loss"] = loss.item()
-            if not _finite_everywhere(loss_sum, process):
-                break
+        now = time.perf_counter()
+        fields_ = {"rate": images_seen * process.world_size / (now - started)}
+        if step % LOSS_CHECK_STEPS == 0 and not _finite_everywhere(loss_sum, process):
+            break
+        if step == 0 or now - shown >= LOSS_REFRESH_SECONDS:  # .item() waits for the GPU: not every step
+            fields_["loss"] = f"{loss_sum.item() / (step + 1):.4f}"
+            shown = now
         progress.update(task, advance=1, **fields_)
     if not _finite_everywhere(loss_sum, process):
         bad = int(first_bad.item())

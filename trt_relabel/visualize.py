@@ -19,11 +19,14 @@ from trt_relabel.errors import RelabelError, UsageError
 from trt_relabel.images import ImageLoadError, load_rgb
 from trt_relabel.interop import ProgressCallback
 from trt_relabel.store import FAILED, LABELLED, PENDING, LabelStore, nonfinite_rows
+from trt_relabel.terminal import readable
 
 FULL_BOX = (0.0, 0.0, 1.0, 1.0)
 DPI = 100
 OVERLAY_ALPHA = 0.5
-MAX_LEGEND_CLASSES = 20  # tab20 colours; rarer classes share one grey
+OTHER_CLASSES_GREY = (0.5, 0.5, 0.5)  # the classes past the legend's
+#: Figure file suffix -> matplotlib format.
+FIGURE_FORMATS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".svg": "svg", ".pdf": "pdf"}
 
 
 def soft_targets(values: np.ndarray, indices: np.ndarray, boxes: np.ndarray, num_classes: int) -> np.ndarray:
@@ -146,18 +149,29 @@ def _figure(width: int, height: int):
     return Figure(figsize=(width / DPI, height / DPI), dpi=DPI, layout="constrained")
 
 
+def figure_format(out: str | Path) -> str:
+    """The matplotlib format of a figure file, named by its suffix (see :data:`FIGURE_FORMATS`);
+    UsageError for any other suffix."""
+    suffix = Path(out).suffix.lower()
+    if suffix not in FIGURE_FORMATS:
+        raise UsageError(f"{out}: cannot tell the figure format; name a {', '.join(FIGURE_FORMATS)} file")
+    return FIGURE_FORMATS[suffix]
+
+
 def _save(fig, out: str | Path) -> Path:
     out = Path(out)
+    kind = figure_format(out)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(out, dpi=DPI, format="png")
+        fig.savefig(out, dpi=DPI, format=kind)
     except OSError as e:
         raise RelabelError(f"{out}: cannot write the figure: {e.strerror}") from None
     return out
 
 
 def plot_stats(stats: StoreStats, out: str | Path, *, width: int = 1200, height: int = 600) -> Path:
-    """PNG of `width` x `height` pixels: histogram of the global targets' entropies over [0, log C]
+    """A figure (format from the suffix of `out`, :func:`figure_format`) of `width` x `height`
+    pixels: histogram of the global targets' entropies over [0, log C]
     (mean and quartiles marked) and bars of the top-1 agreement and multi-label fractions."""
     fig = _figure(width, height)
     hist, bars = fig.subplots(1, 2, width_ratios=[2, 1])
@@ -232,17 +246,25 @@ def _check_box(box: tuple[float, float, float, float]) -> np.ndarray:
     return np.asarray(box, dtype=np.float32)
 
 
-def _top1_colours(top1: np.ndarray) -> tuple[np.ndarray, list[tuple[int, int, tuple]]]:
-    """Colour each cell by its top-1 class: the MAX_LEGEND_CLASSES most frequent classes get tab20
-    colours (its 10 saturated ones first), the others one grey. Returns RGBA float [h, w, 4] and the legend entries
-    (class, cells, colour), most frequent first."""
+def class_palette() -> list[tuple[float, float, float]]:
+    """The colours of the legend's classes, most frequent class first: tab20's 9 saturated colours,
+    then their 9 light ones; tab20's greys are left out, grey marks the other classes."""
     from matplotlib import colormaps
 
+    colours = [c for c in colormaps["tab20"].colors if len(set(c)) > 1]  # drop the greys (r == g == b)
+    return colours[0::2] + colours[1::2]
+
+
+def _top1_colours(top1: np.ndarray) -> tuple[np.ndarray, list[tuple[int, int, tuple]]]:
+    """Colour each cell by its top-1 class: the most frequent classes get the colours of
+    :func:`class_palette`, the others one grey. Returns RGBA float [h, w, 4] and the legend entries
+    (class, cells, colour), most frequent first."""
     classes, counts = np.unique(top1, return_counts=True)
     order = np.argsort(-counts, kind="stable")
-    palette = colormaps["tab20"].colors[0::2] + colormaps["tab20"].colors[1::2]
-    grey = (0.5, 0.5, 0.5)
-    colour_of = {int(classes[i]): palette[rank] if rank < MAX_LEGEND_CLASSES else grey for rank, i in enumerate(order)}
+    palette = class_palette()
+    colour_of = {
+        int(classes[i]): palette[rank] if rank < len(palette) else OTHER_CLASSES_GREY for rank, i in enumerate(order)
+    }
     rgba = np.array([[(*colour_of[int(c)], OVERLAY_ALPHA) for c in line] for line in top1])
     legend = [(int(classes[i]), int(counts[i]), colour_of[int(classes[i])]) for i in order]
     return rgba, legend
@@ -258,7 +280,8 @@ def show_label_map(
     width: int = 1200,
     height: int = 600,
 ) -> list[tuple[int, float]]:
-    """Draw row `row` of `store` over its photo into a PNG of exactly `width` x `height` pixels.
+    """Draw row `row` of `store` over its photo into a figure of exactly `width` x `height` pixels
+    (format from the suffix of `out`, :func:`figure_format`).
 
     Left: the photo (read with trt_relabel.images.load_rgb) with the top-1 class of each label-map
     cell as semi-transparent colours (nearest-upsampled to the photo) and `box` outlined. Right:
@@ -287,7 +310,7 @@ def show_label_map(
 
     fig = _figure(width, height)
     axes = fig.subplot_mosaic([["image", "legend"], ["image", "bars"]], width_ratios=[3, 2])
-    _draw_photo(axes["image"], picture, rgba, box, f"{sample.path} (row {row})")
+    _draw_photo(axes["image"], picture, rgba, box, f"{readable(sample.path)} (row {row})")
     _draw_legend(axes["legend"], legend, names, store.spec.teacher)
     _draw_bars(axes["bars"], top5, names, "box" if box else "whole image")
     _save(fig, out)
@@ -312,28 +335,28 @@ def _draw_photo(ax, picture: np.ndarray, rgba: np.ndarray, box, title: str) -> N
                 linewidth=2.5,
             )
         )
-    ax.set_title(title, fontsize="medium")
+    ax.set_title(title, fontsize="medium", parse_math=False)  # a file name is no TeX
     ax.set_axis_off()
 
 
 def _draw_legend(ax, legend: list[tuple[int, int, tuple]], names: list[str], teacher: str) -> None:
     from matplotlib.patches import Patch
 
-    shown = legend[:MAX_LEGEND_CLASSES]
+    shown = legend[: len(class_palette())]
     two_columns = len(shown) > 8
     handles = [
         Patch(color=colour, label=f"{_short(names[c], 14 if two_columns else 28)} ({c}): {cells}")
         for c, cells, colour in shown
     ]
     if len(legend) > len(shown):
-        handles.append(Patch(color=(0.5, 0.5, 0.5), label=f"{len(legend) - len(shown)} more classes"))
+        handles.append(Patch(color=OTHER_CLASSES_GREY, label=f"{len(legend) - len(shown)} more classes"))
     legend_box = ax.legend(
         handles=handles,
         loc="upper left",
         ncols=2 if two_columns else 1,
         fontsize="x-small" if two_columns else "small",
         frameon=False,
-        title=f"top-1 class per cell: cells ({teacher})",
+        title=f"{readable(teacher)}: top-1 class of each cell (number of cells)",
     )
     legend_box.set_in_layout(False)  # a long legend must not shrink the photo and the bars
     ax.set_axis_off()
@@ -349,4 +372,5 @@ def _draw_bars(ax, top5: list[tuple[int, float]], names: list[str], region: str)
     ax.barh(labels, probabilities, color="tab:blue")
     for y, p in enumerate(probabilities):
         ax.annotate(f"{p:.1%}", (p, y), xytext=(3, 0), textcoords="offset points", va="center")
-    ax.set(xlim=(0, 1.15), xlabel="probability", title=f"soft target, {region} (top 5)")
+    # The axis ends a little past the largest bar (room for its label), so that small bars show.
+    ax.set(xlim=(0, max(probabilities) * 1.25), xlabel="probability", title=f"soft target, {region} (top 5)")

@@ -7,8 +7,16 @@ from typing import Annotated
 
 import typer
 
-from trt_relabel.cli._app import app, console
-from trt_relabel.cli.engine import CheckpointOpt, SizeOpt, TeacherOpt, TopkOpt
+from trt_relabel.cli._app import (
+    CheckpointOpt,
+    EnginesDirOpt,
+    SizeOpt,
+    TeacherOpt,
+    TopkOpt,
+    app,
+    console,
+    workers_option,
+)
 
 
 @app.command("bench")
@@ -18,11 +26,13 @@ def bench_command(
     checkpoint: CheckpointOpt = None,
     size: SizeOpt = None,
     topk: TopkOpt = 5,
-    batch_size: Annotated[int, typer.Option(help="Images per batch.")] = 8,
-    workers: Annotated[int | None, typer.Option(help="Decoding processes for end-to-end runs.")] = None,
-    limit: Annotated[int, typer.Option(help="Benchmark on the first N images.")] = 64,
-    repeats: Annotated[int, typer.Option(help="Model-only passes over the images.")] = 2,
-    engines_dir: Annotated[Path, typer.Option(help="Folder of graphs and engines.")] = Path("engines"),
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per batch.")] = 8,
+    workers: Annotated[
+        int | None, workers_option("Decoding processes of the end-to-end runs.", default="cores - 1")
+    ] = None,
+    limit: Annotated[int, typer.Option(min=1, metavar="N", help="Benchmark on the first N images.")] = 64,
+    repeats: Annotated[int, typer.Option(min=1, help="Model-only passes over the images.")] = 2,
+    engines_dir: EnginesDirOpt = Path("engines"),
     end_to_end: Annotated[bool, typer.Option(help="Also run `generate` end to end per backend.")] = True,
 ) -> None:
     """Images per second of each backend, model only and end to end, and the ratio to eager PyTorch

@@ -2,35 +2,41 @@
 
 from __future__ import annotations
 
+import json
+from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from trt_relabel.cli._app import app, console
-
-TeacherOpt = Annotated[
-    str, typer.Option("--teacher", "-t", help="Registered teacher name or timm:<model> (see `trt-relabel teachers`).")
-]
-CheckpointOpt = Annotated[
-    Path | None, typer.Option("--checkpoint", help="Local weights: .safetensors or a torch state dict (.pth/.pt).")
-]
-SizeOpt = Annotated[int | None, typer.Option("--size", help="Square input side S (default: the teacher's).")]
-TopkOpt = Annotated[int, typer.Option("--topk", "-k", help="Classes kept per label-map cell.")]
-EnginesOpt = Annotated[Path, typer.Option("--out", "-o", help="Folder for graphs, engines and the timing cache.")]
+from trt_relabel.cli._app import (
+    CheckpointOpt,
+    EnginesDirOpt,
+    SizeOpt,
+    TeacherOpt,
+    TopkOpt,
+    app,
+    console,
+)
+from trt_relabel.errors import UsageError
 
 
 @app.command("teachers")
-def teachers_command() -> None:
-    """List the registered teachers (any timm classifier also works as timm:<name>)."""
-    from rich.table import Table
-
+def teachers_command(
+    as_json: Annotated[bool, typer.Option("--json", help="Print the teachers as JSON.")] = False,
+) -> None:
+    """List the registered teachers on stdout, one per line (any timm classifier also works as
+    timm:MODEL)."""
     from trt_relabel.teacher import TEACHERS
 
-    table = Table("name", "architecture", "input", "weights", "description")
-    for config in TEACHERS.values():
-        table.add_row(config.name, config.architecture, str(config.input_size), config.weights, config.description)
-    console.print(table)
+    if as_json:
+        typer.echo(json.dumps([asdict(config) for config in TEACHERS.values()], indent=2))
+        return
+    rows = [("name", "architecture", "input", "weights", "description")]
+    rows += [(c.name, c.architecture, str(c.input_size), c.weights, c.description) for c in TEACHERS.values()]
+    widths = [max(len(row[column]) for row in rows) for column in range(4)]
+    for row in rows:  # whole names, never wrapped or cut: the terminal wraps long lines itself
+        typer.echo("  ".join([*(cell.ljust(width) for cell, width in zip(row, widths, strict=False)), row[4]]))
 
 
 @app.command("build-engine")
@@ -39,22 +45,28 @@ def build_engine_command(
     checkpoint: CheckpointOpt = None,
     size: SizeOpt = None,
     topk: TopkOpt = 5,
-    out: EnginesOpt = Path("engines"),
-    max_batch: Annotated[int, typer.Option(help="Largest batch of the TensorRT profile.")] = 64,
-    opt_batch: Annotated[int | None, typer.Option(help="Batch TensorRT tunes for (default: max-batch).")] = None,
+    engines_dir: EnginesDirOpt = Path("engines"),
+    out: Annotated[Path | None, typer.Option("--out", "-o", hidden=True)] = None,  # the former name
+    max_batch: Annotated[int, typer.Option(min=1, help="Largest batch of the TensorRT profile.")] = 64,
+    opt_batch: Annotated[
+        int | None, typer.Option(min=1, show_default="--max-batch", help="Batch TensorRT tunes for.")
+    ] = None,
     workspace_gib: Annotated[float, typer.Option(help="TensorRT builder workspace limit, GiB.")] = 8.0,
     random_weights: Annotated[bool, typer.Option(help="Random weights (benchmarks of an architecture).")] = False,
     verify: Annotated[bool, typer.Option(help="Check the fp32 graph against PyTorch after export.")] = True,
 ) -> None:
     """Export the teacher's fp32 and FP16 ONNX graphs, and build the FP16 TensorRT engine when
     TensorRT and a CUDA GPU are present. Unchanged inputs reuse the existing files."""
+    if out is not None and engines_dir != Path("engines"):
+        raise UsageError("give the engines folder once: --engines-dir (--out is its former name)")
     from trt_relabel.backends import tensorrt_missing
     from trt_relabel.export import build_graphs
     from trt_relabel.trt_compat import check_tensorrt_compatible
 
     built = build_graphs(
-        teacher, checkpoint, size, topk, out, pretrained=not random_weights, verify=verify, log=console.print
-    )
+        teacher, checkpoint, size, topk, out or engines_dir, pretrained=not random_weights, verify=verify,
+        log=console.print,
+    )  # fmt: skip
     state = "unchanged, reused" if built.skipped else "written"
     meta = built.metadata
     console.print(

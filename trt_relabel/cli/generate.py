@@ -8,14 +8,26 @@ from typing import Annotated
 
 import typer
 
-from trt_relabel.cli._app import RetryFailedOpt, app, console
-from trt_relabel.cli.engine import CheckpointOpt, SizeOpt, TeacherOpt, TopkOpt
+from trt_relabel.cli._app import (
+    CheckpointOpt,
+    EnginesDirOpt,
+    OverwriteOpt,
+    RetryFailedOpt,
+    SizeOpt,
+    TeacherOpt,
+    TopkOpt,
+    app,
+    console,
+    workers_option,
+)
 
 
 @app.command("generate")
 def generate_command(
     data: Annotated[Path, typer.Argument(help="ImageFolder (class sub-folders) or flat folder of images.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Label store directory (created or resumed).")],
+    out: Annotated[
+        Path, typer.Option("--out", "-o", metavar="STORE", help="Label store directory (created or resumed).")
+    ],
     file_list: Annotated[
         Path | None,
         typer.Option("--file-list", help="Label only these images: one path relative to DATA per line."),
@@ -27,21 +39,20 @@ def generate_command(
     backend: Annotated[
         str, typer.Option("--backend", "-b", help="auto | onnxruntime | torch | tensorrt (auto: the fastest here).")
     ] = "auto",
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per teacher call.")] = 64,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per teacher call.")] = 64,
     workers: Annotated[
-        int | None, typer.Option("--workers", help="Decoding processes (default: cores - 1; 0: none).")
+        int | None, workers_option("Decoding processes (0: decode in this process).", default="cores - 1")
     ] = None,
     shard: Annotated[
-        str, typer.Option("--shard", help="I/N: label only rows with row % N == I (one of N jobs on one store).")
+        str,
+        typer.Option("--shard", metavar="I/N", help="Label only rows with row % N == I (one of N jobs on one store)."),
     ] = "0/1",
-    engines_dir: Annotated[Path, typer.Option("--engines-dir", help="Folder of the graphs and engines.")] = Path(
-        "engines"
-    ),
+    engines_dir: EnginesDirOpt = Path("engines"),
     decode: Annotated[
         str, typer.Option("--decode", help="cpu | gpu (JPEGs decoded and resized on the GPU with nvJPEG).")
     ] = "cpu",
     compile: Annotated[bool, typer.Option("--compile", help="torch backend: torch.compile the teacher.")] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Delete an existing store and start over.")] = False,
+    overwrite: OverwriteOpt = False,
     retry_failed: RetryFailedOpt = False,
 ) -> None:
     """Label every image of DATA with the teacher's top-k label maps into the store --out.

@@ -14,17 +14,16 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from trt_relabel.cli._app import RetryFailedOpt, app, console
+from trt_relabel.cli._app import OverwriteOpt, RetryFailedOpt, app, console, workers_option
 from trt_relabel.errors import UsageError
 from trt_relabel.progress import progress_bar
+from trt_relabel.terminal import warning
 
-OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Delete an existing store at --out and start over.")]
-WorkersOpt = Annotated[
-    int, typer.Option("--workers", "-j", min=1, help="Processes reading/writing the .pt files (~1 ms each).")
-]
-WidthOpt = Annotated[int, typer.Option("--width", min=200, help="PNG width in pixels.")]
-HeightOpt = Annotated[int, typer.Option("--height", min=150, help="PNG height in pixels.")]
+WorkersOpt = Annotated[int, workers_option("Processes reading/writing the .pt files (~1 ms each).", min=1)]
+WidthOpt = Annotated[int, typer.Option("--width", min=200, help="Figure width in pixels.")]
+HeightOpt = Annotated[int, typer.Option("--height", min=150, help="Figure height in pixels.")]
 DEFAULT_WORKERS = min(8, os.cpu_count() or 1)
+FIGURE_HELP = "Figure to write: .png, .jpg, .svg or .pdf."
 
 
 @contextmanager
@@ -59,9 +58,13 @@ def _parse_floats(text: str, option: str, count: int | None = None) -> list[floa
 
 @app.command("import-relabel")
 def import_relabel_command(
-    relabel_root: Annotated[Path, typer.Argument(help="Folder of the official maps: <wnid>/<image stem>.pt.")],
-    data: Annotated[Path, typer.Option("--data", help="ImageFolder of the training images (row order).")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Label store to write (resumed if it exists).")],
+    relabel_root: Annotated[Path, typer.Argument(help="Folder of the official maps: WNID/IMAGE_STEM.pt.")],
+    data: Annotated[
+        Path, typer.Option("--data", metavar="DIR", help="ImageFolder of the training images (row order).")
+    ],
+    out: Annotated[
+        Path, typer.Option("--out", "-o", metavar="STORE", help="Label store to write (resumed if it exists).")
+    ],
     overwrite: OverwriteOpt = False,
     retry_failed: RetryFailedOpt = False,
     workers: WorkersOpt = DEFAULT_WORKERS,
@@ -84,14 +87,14 @@ def import_relabel_command(
         f"{summary.failed} failed of {summary.num_samples}"
     )
     if summary.failed:
-        console.print(f"[yellow]{summary.failed} inputs failed[/]: see {summary.errors_path}")
+        console.print(warning(f"{summary.failed} inputs failed: see {summary.errors_path}"))
         raise typer.Exit(1)
 
 
 @app.command("export-relabel")
 def export_relabel_command(
     store: Annotated[Path, typer.Argument(help="Label store to export.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write <dir>/<image stem>.pt into.")],
+    out: Annotated[Path, typer.Option("--out", "-o", metavar="DIR", help="Folder to write DIR/IMAGE_STEM.pt into.")],
     workers: WorkersOpt = DEFAULT_WORKERS,
 ) -> None:
     """Write the labelled rows of a store in the official ReLabel layout: one float32 tensor
@@ -106,12 +109,14 @@ def export_relabel_command(
 @app.command("merge")
 def merge_command(
     stores: Annotated[list[Path], typer.Argument(help="Two or more complete, aligned label stores.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Merged label store to write.")],
+    out: Annotated[Path, typer.Option("--out", "-o", metavar="STORE", help="Merged label store to write.")],
     weights: Annotated[
-        str | None, typer.Option("--weights", help="w1,w2,...: one positive weight per store (default: equal).")
+        str | None,
+        typer.Option("--weights", metavar="W1,W2,...", show_default="equal", help="One positive weight per store."),
     ] = None,
     topk: Annotated[
-        int | None, typer.Option("--topk", "-k", help="Classes kept per cell (default: the largest input k).")
+        int | None,
+        typer.Option("--topk", "-k", min=1, show_default="the largest input k", help="Classes kept per cell."),
     ] = None,
     overwrite: OverwriteOpt = False,
 ) -> None:
@@ -163,17 +168,18 @@ def join_command(
 
 @app.command("show")
 def show_command(
-    labels: Annotated[Path, typer.Option("--labels", "-l", help="Label store.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="PNG to write.")],
+    labels: Annotated[Path, typer.Option("--labels", "-l", metavar="STORE", help="Label store.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help=FIGURE_HELP)],
     image: Annotated[
         str | None, typer.Argument(help="Sample path as in samples.tsv, or an image file inside --data.")
     ] = None,
     data: Annotated[
-        Path | None, typer.Option("--data", help="Data folder (needed for sample paths and --row).")
+        Path | None, typer.Option("--data", metavar="DIR", help="Data folder (needed for sample paths and --row).")
     ] = None,
-    row: Annotated[int | None, typer.Option("--row", help="Row of the store instead of IMAGE.")] = None,
+    row: Annotated[int | None, typer.Option("--row", min=0, help="Row of the store instead of IMAGE.")] = None,
     box: Annotated[
-        str | None, typer.Option("--box", help="x1,y1,x2,y2 normalised to [0, 1] (default: whole image).")
+        str | None,
+        typer.Option("--box", metavar="X1,Y1,X2,Y2", show_default="the whole image", help="Box normalised to [0, 1]."),
     ] = None,
     width: WidthOpt = 1200,
     height: HeightOpt = 600,
@@ -182,8 +188,9 @@ def show_command(
     names), the --box outline and the top-5 classes of its soft target (LabelPooling + softmax)."""
     from trt_relabel.classes import class_names
     from trt_relabel.store import LabelStore
-    from trt_relabel.visualize import locate_image, show_label_map
+    from trt_relabel.visualize import figure_format, locate_image, show_label_map
 
+    kind = figure_format(out)
     store = LabelStore(labels)
     row, photo = locate_image(store, image, data, row)
     parsed_box = tuple(_parse_floats(box, "--box", 4)) if box else None
@@ -193,13 +200,15 @@ def show_command(
     for index, probability in top5:
         table.add_row(str(index), names[index], f"{probability:.4f}")
     console.print(table)
-    console.print(f"{out}: {width}x{height} PNG written")
+    console.print(f"{out}: {width}x{height} {kind.upper()} written")
 
 
 @app.command("stats")
 def stats_command(
     store: Annotated[Path, typer.Argument(help="Label store.")],
-    plot: Annotated[Path | None, typer.Option("--plot", help="Also draw a PNG (entropies, agreement).")] = None,
+    plot: Annotated[
+        Path | None, typer.Option("--plot", help="Also draw the entropies and agreement. " + FIGURE_HELP)
+    ] = None,
     threshold: Annotated[
         float, typer.Option("--threshold", help="Multi-label when the 2nd class's probability is above this.")
     ] = 0.2,
@@ -210,8 +219,9 @@ def stats_command(
     """Statistics of the global soft targets (LabelPooling over the whole image, softmax): top-1
     agreement with the folder class, multi-label images, entropy distribution."""
     from trt_relabel.store import LabelStore
-    from trt_relabel.visualize import plot_stats, store_stats
+    from trt_relabel.visualize import figure_format, plot_stats, store_stats
 
+    kind = figure_format(plot) if plot else None
     with _progress("pooling") as progress:
         stats = store_stats(LabelStore(store), threshold=threshold, progress=progress)
     if stats.num_nonfinite:
@@ -222,7 +232,7 @@ def stats_command(
         console.print(_stats_table(stats))
     if plot:
         plot_stats(stats, plot, width=width, height=height)
-        console.print(f"{plot}: {width}x{height} PNG written")
+        console.print(f"{plot}: {width}x{height} {kind.upper()} written")
 
 
 def _nonfinite_warning(stats) -> str:
