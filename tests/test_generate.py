@@ -22,7 +22,7 @@ from conftest import CAT_CLASSES, COFFEE_CLASS
 from PIL import Image
 
 from trt_relabel.cli import main
-from trt_relabel.generate import generate
+from trt_relabel.generate import generate, ramp_batches
 from trt_relabel.images import ImageEntry, list_images
 from trt_relabel.pooling import label_pooling
 from trt_relabel.store import LabelStore, StoreError
@@ -222,6 +222,31 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(reference, image_folder,
     assert_same_store(out, reference)
 
 
+def test_ctrl_c_says_what_is_kept_and_a_rerun_resumes(reference, image_folder, engines, tmp_path):
+    """SIGINT to the run's process group (as Ctrl-C in a terminal, decoding worker included): exit
+    code 130 and one line with the rows kept; rerunning the same command labels the rest."""
+    out = tmp_path / "store"
+    command = [str(BIN / "trt-relabel"), *cli_args(image_folder, out, engines, "--batch-size", "1", "--workers", "1")]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        _wait_for_a_labelled_row(process, out / "status.npy")
+        os.killpg(process.pid, signal.SIGINT)
+        _, err = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    labelled = int(LabelStore(out).labelled().sum())
+    assert process.returncode == 130 and 0 < labelled < 12, err.decode()
+    assert err.decode().splitlines()[-1] == (
+        f"interrupted: {labelled} of 12 images of {out} are labelled and kept; rerun the same command to resume"
+    )
+    assert "Traceback" not in err.decode()
+    result = label(image_folder, out, engines)
+    assert result.processed == 12 - labelled and result.complete
+    assert_same_store(out, reference)
+
+
 #: `trt-relabel generate ARGS...` killed with SIGKILL at a moment: "building" (the new store is being
 #: preallocated beside --out) or "finishing" (errors.jsonl is being rewritten inside the store).
 DYING_GENERATE = """
@@ -309,6 +334,29 @@ def _wait_for_a_labelled_row(process: subprocess.Popen, status_file: Path) -> No
             return
         time.sleep(0.002)
     raise AssertionError(f"the run ended before labelling a row: {process.stderr.read().decode()[-2000:]}")
+
+
+def test_first_batches_ramp_up_to_the_batch_size():
+    """The first batch is small, so that the progress bar moves soon; the rows stay in order."""
+    batches = ramp_batches(300, 64)
+    assert [len(b) for b in batches] == [8, 16, 32, 64, 64, 64, 52]
+    assert [i for b in batches for i in b] == list(range(300))
+    assert [len(b) for b in ramp_batches(5, 4)] == [4, 1] and ramp_batches(0, 64) == []
+
+
+def test_progress_shows_a_rate_and_an_eta_after_the_first_update():
+    from rich.console import Console
+
+    from trt_relabel.progress import EtaColumn, progress_bar
+
+    bar = progress_bar(Console(file=io.StringIO()))
+    task_id = bar.add_task("labelling", total=100)
+    time.sleep(0.05)
+    bar.update(task_id, completed=10)
+    task = bar.tasks[0]
+    assert bar.columns[3].render(task).plain.endswith(" img/s") and float(bar.columns[3].render(task).plain[:-6]) > 0
+    eta = EtaColumn().render(task).plain
+    assert eta.startswith("ETA 0:00:") and eta != "ETA -:--:--"
 
 
 def test_torchrun_two_processes_equal_one(reference, image_folder, engines, tmp_path):

@@ -13,6 +13,7 @@ import torch
 from conftest import CAT_CLASSES, COFFEE_CLASS
 from PIL import Image
 
+from trt_relabel.errors import UsageError
 from trt_relabel.images import resize_whole
 from trt_relabel.teacher import (
     TeacherError,
@@ -125,18 +126,45 @@ def test_checkpoint_for_another_architecture_is_refused(tmp_path):
         create_teacher(get_teacher_config("efficientnet_lite0"), tmp_path / "resnet.pth")
 
 
-def test_hub_weights_offline_say_how_to_pass_a_file(tmp_path):
-    """Offline (HF_HUB_OFFLINE is read when huggingface_hub is imported: a fresh process), a teacher
-    whose weights live on the hub only fails with one line that says how to pass a local file."""
+@pytest.mark.parametrize(
+    ("env", "cause"),
+    [
+        ({"HF_HUB_OFFLINE": "1"}, "(HF_HUB_OFFLINE is set)"),
+        ({"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"}, "(127.0.0.1 cannot be reached: "),
+    ],
+)
+def test_hub_weights_offline_fail_at_once_saying_how_to_pass_a_file(tmp_path, env, cause):
+    """Offline or with the hub out of reach (HF_* variables are read when huggingface_hub is
+    imported: a fresh process), a teacher whose weights live on the hub only fails with one whole
+    line that says how to pass a local file, without huggingface_hub's minute of retries."""
     command = [sys.executable, "-m", "trt_relabel", "build-engine", "--teacher", "timm:test_resnet.r160_in1k",
-               "--out", str(tmp_path)]  # fmt: skip
-    result = subprocess.run(
-        command, capture_output=True, text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"}
-    )
+               "--engines-dir", str(tmp_path / "engines")]  # fmt: skip
+    environment = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HTTPS_PROXY": "", "https_proxy": "", **env}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120, env=environment)
     assert result.returncode == 1
-    assert "cannot fetch the weights of test_resnet.r160_in1k" in result.stderr
-    assert "--checkpoint PATH" in result.stderr and "Traceback" not in result.stderr
-    assert list(tmp_path.iterdir()) == []
+    assert result.stderr.startswith("error: timm:test_resnet.r160_in1k: cannot fetch the weights of ")
+    assert cause in result.stderr and "Retrying" not in result.stderr and result.stderr.count("\n") == 1
+    assert result.stderr.endswith("pass --checkpoint PATH (a .safetensors or .pth state dict)\n")
+    assert not (tmp_path / "engines").exists()
+
+
+def test_hub_weights_in_the_local_cache_load_offline(tmp_path, monkeypatch):
+    """Weights in the Hugging Face cache load without the hub (read from the cached file)."""
+    from huggingface_hub import constants
+    from safetensors.torch import save_file
+
+    architecture = "test_resnet.r160_in1k"
+    weights = timm.create_model(architecture, pretrained=False).state_dict()
+    snapshot = tmp_path / "hub" / "models--timm--test_resnet.r160_in1k" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    save_file(weights, snapshot / "model.safetensors")
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("abc123")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    model = create_teacher(get_teacher_config(f"timm:{architecture}"))
+    for name, tensor in weights.items():
+        assert torch.equal(model.state_dict()[name], tensor), name
 
 
 def test_registry_configs():
@@ -144,7 +172,9 @@ def test_registry_configs():
     assert (l2.architecture, l2.input_size, l2.interpolation) == ("tf_efficientnet_l2.ns_jft_in1k_475", 475, "bicubic")
     assert get_teacher_config("efficientnet_lite0", 320).input_size == 320
     assert get_teacher_config("timm:resnet50").mean == pytest.approx((0.485, 0.456, 0.406))
-    with pytest.raises(TeacherError, match="unknown teacher"):
+    with pytest.raises(UsageError, match="unknown teacher 'nope'; known: "):
         get_teacher_config("nope")
-    with pytest.raises(TeacherError, match="no model named"):
+    with pytest.raises(UsageError, match="did you mean 'efficientnet_lite0'"):
+        get_teacher_config("efficientnet_lite")
+    with pytest.raises(UsageError, match="no model named"):
         get_teacher_config("timm:nope_net")

@@ -445,9 +445,7 @@ def test_cli_progress_shows_the_loss_from_the_first_step(image_folder, label_sto
         monkeypatch.setattr(rich.progress.Progress, method, record)
     monkeypatch.setattr(trainer, "LOSS_REFRESH_SECONDS", 0.0)
     recipe = tmp_path / "tiny.toml"
-    recipe.write_text(
-        'model = "resnet18"\nimage_size = 64\nbatch_size = 4\nlr = 0.05\nworkers = 0\ncolor_jitter = 0.0\n'
-    )
+    recipe.write_text('model = "resnet18"\nimage_size = 64\nbatch_size = 4\nworkers = 0\ncolor_jitter = 0.0\n')
     args = ["train", "--config", recipe, "--epochs", "1", "--data", image_folder, "--labels", label_store]
     monkeypatch.setattr(sys, "argv", ["trt-relabel", *map(str, args), "--out", str(tmp_path / "run")])
     with pytest.raises(SystemExit) as exit_info:

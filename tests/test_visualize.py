@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -19,7 +20,15 @@ from trt_relabel.classes import class_names
 from trt_relabel.errors import RelabelError, UsageError
 from trt_relabel.images import ImageEntry, list_images
 from trt_relabel.store import LabelStore, StoreSpec, create_store
-from trt_relabel.visualize import locate_image, show_label_map, store_stats
+from trt_relabel.visualize import (
+    _draw_bars,
+    _draw_legend,
+    _top1_colours,
+    locate_image,
+    plot_stats,
+    show_label_map,
+    store_stats,
+)
 
 CLI = Path(sys.executable).parent / "trt-relabel"
 MAP_SIZE = (6, 8)  # not square: catches swapped axes
@@ -111,12 +120,28 @@ def test_stats_match_numpy(labelled):
 
 def test_stats_cli_json_and_plot(labelled, tmp_path):
     _, path = labelled
-    result = run_cli("stats", path, "--json", "--threshold", str(THRESHOLD), "--plot", tmp_path / "stats.png")
+    result = run_cli("stats", path, "--json", "--threshold", str(THRESHOLD), "--plot", tmp_path / "stats.jpg")
     assert result.returncode == 0, result.stderr
     expected = store_stats(LabelStore(path), threshold=THRESHOLD).to_dict()
     printed = json.loads(result.stdout)
     assert printed == json.loads(json.dumps(expected))
-    assert Image.open(tmp_path / "stats.png").size == (1200, 600)
+    with Image.open(tmp_path / "stats.jpg") as plot:  # the format the suffix names
+        assert (plot.format, plot.size) == ("JPEG", (1200, 600))
+    assert result.stderr.endswith(f"{tmp_path / 'stats.jpg'}: 1200x600 JPEG written\n")
+    refused = run_cli("stats", path, "--plot", tmp_path / "stats.gif")
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1 and "name a .png, .jpg" in refused.stderr
+    assert not (tmp_path / "stats.gif").exists()
+
+
+@pytest.mark.parametrize(("suffix", "magic"), [(".png", b"\x89PNG"), (".svg", b"<?xml"), (".pdf", b"%PDF"),
+                                               (".JPEG", b"\xff\xd8\xff")])  # fmt: skip
+def test_figures_in_the_format_their_suffix_names(labelled, tmp_path, suffix, magic):
+    _, path = labelled
+    stats = store_stats(LabelStore(path), threshold=THRESHOLD)
+    out = plot_stats(stats, tmp_path / f"stats{suffix}", width=300, height=200)
+    assert out.read_bytes().startswith(magic)
+    with pytest.raises(UsageError, match="cannot tell the figure format"):
+        plot_stats(stats, tmp_path / "stats.tiff")
 
 
 def test_show_pools_the_box_like_roi_align(labelled, tmp_path):
@@ -213,3 +238,55 @@ def test_show_refuses_a_non_finite_row(poisoned, tmp_path):
     result = run_cli("show", "--row", "9", "--labels", path, "--data", data, "--out", tmp_path / "y.png")
     assert result.returncode == 1 and "not finite" in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "y.png").exists()
+
+
+def test_legend_colours_bars_and_title():
+    """The legend's class colours are never grey (grey is "N more classes"), the bars' axis ends near
+    the largest probability (small bars stay visible), and the legend title reads plainly."""
+    from matplotlib.colors import to_rgb
+    from matplotlib.figure import Figure
+
+    top1 = np.repeat(np.arange(25), np.arange(25, 0, -1))[: 15 * 20].reshape(15, 20)  # 25 classes, rarer and rarer
+    _, legend = _top1_colours(top1)
+    coloured = [colour for _, _, colour in legend if len(set(np.round(colour, 2))) > 1]
+    assert len(coloured) >= 10 and len(set(coloured)) == len(coloured)
+    assert all(colour == legend[-1][2] for _, _, colour in legend[len(coloured) :])  # the rest share the grey
+    assert len(set(np.round(legend[-1][2], 2))) == 1
+
+    fig = Figure()
+    bars, key = fig.subplots(1, 2)
+    _draw_bars(bars, [(1, 0.3), (2, 0.05), (3, 0.01), (4, 0.003), (5, 0.001)], class_names(), "whole image")
+    assert 0.3 < bars.get_xlim()[1] <= 0.45
+    _draw_legend(key, legend, class_names(), "my-teacher")
+    title = key.get_legend().get_title().get_text()
+    assert title == "my-teacher: top-1 class of each cell (number of cells)"
+    patches = key.get_legend().get_patches()
+    assert patches[-1].get_label() == f"{len(legend) - len(coloured)} more classes"
+    assert to_rgb(patches[-1].get_facecolor()) not in [to_rgb(p.get_facecolor()) for p in patches[:-1]]
+
+
+def test_show_names_with_markup_and_undecodable_bytes(photos, tmp_path):
+    """A sample whose name holds rich markup or bytes that are not UTF-8 is drawn and printed."""
+    data = tmp_path / "data"
+    (data / "cat").mkdir(parents=True)
+    names = ["cat/a[/b]c.jpg", os.fsdecode(b"cat/caf\xe9.jpg")]
+    for name in names:
+        (data / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(photos["chelsea"]).resize((64, 48)).save(os.fsencode(data / name), format="JPEG")
+    samples = [ImageEntry(name, 0) for name in names]
+    values, indices = hand_made_maps(samples)
+    writer = create_store(tmp_path / "store", StoreSpec("t[/x]", "h", "", 224, MAP_SIZE, TOPK), samples)
+    writer.write(np.arange(2), values, indices)
+    writer.finish()
+    for row in range(len(names)):
+        out = tmp_path / f"row{row}[/x].png"
+        done = run_cli("show", "--row", row, "--labels", tmp_path / "store", "--data", data, "--out", out)
+        assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+        assert Image.open(out).size == (1200, 600)
+        assert f"{out}: 1200x600 PNG written" in done.stderr
+    assert (
+        "a[/b]c.jpg: soft target (top 5)"
+        in run_cli(
+            "show", "--row", 0, "--labels", tmp_path / "store", "--data", data, "--out", tmp_path / "again.svg"
+        ).stderr
+    )
