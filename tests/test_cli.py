@@ -18,7 +18,7 @@ from trt_relabel.cli import main
 
 BIN = Path(sys.executable).parent
 COMMANDS = ("teachers", "build-engine", "generate", "train", "import-relabel", "export-relabel", "merge", "show",
-            "stats", "bench", "sample-images")  # fmt: skip
+            "stats", "audit", "bench", "sample-images")  # fmt: skip
 
 
 def run_main(monkeypatch, capsys, *args: object) -> tuple[int, str, str]:
@@ -169,3 +169,13 @@ def test_the_tensorrt_hint_keeps_its_brackets(bundled_graphs, monkeypatch, capsy
     code, _, err = run_main(monkeypatch, capsys, "build-engine", "--engines-dir", bundled_graphs.fp32.parent)
     assert code == 0, err
     assert "the tensorrt package (pip install 'trt-relabel[gpu]') is missing here" in err
+
+
+def test_former_and_timm_option_names(tmp_path, monkeypatch, capsys):
+    """timm's --img-size sets train's --image-size; build-engine's former --out names the engines
+    folder and may not be given with --engines-dir."""
+    args = ["train", "--data", tmp_path, "--out", tmp_path / "run", "--label-mode", "original"]
+    code, _, err = run_main(monkeypatch, capsys, *args, "--img-size", "4")
+    assert code == 2 and "image_size must be >= 8" in err
+    code, _, err = run_main(monkeypatch, capsys, "build-engine", "--out", tmp_path / "a", "--engines-dir", tmp_path)
+    assert code == 2 and "give the engines folder once" in err
