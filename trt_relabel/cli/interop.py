@@ -141,7 +141,10 @@ def merge_command(
 @app.command("join")
 def join_command(
     parts: Annotated[list[Path], typer.Argument(help="The stores of `generate --shard I/N` jobs (two or more).")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Joined label store (created, or filled where pending).")],
+    out: Annotated[
+        Path,
+        typer.Option("--out", "-o", metavar="STORE", help="Joined label store (created, or filled where pending)."),
+    ],
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Join the stores of `generate --shard I/N` jobs run on machines without a shared filesystem
