@@ -1,4 +1,4 @@
-"""The label store (format v1): memory-mapped top-k label maps, one row per input image.
+"""The label store (format 1.1): memory-mapped top-k label maps, one row per input image.
 
 A store is a directory:
 
@@ -7,20 +7,29 @@ A store is a directory:
   tool_version, plus optional free keys.
 - ``values.npy`` float16 [N, k, h, w] and ``indices.npy`` int16 [N, k, h, w]: the k largest logits
   of each label-map cell (descending along k) and their class indices. Rows of failed inputs stay 0.
-- ``samples.tsv``: line i is ``relative/path<TAB>class_index`` of row i (-1 without class folders).
-- ``errors.jsonl``: one ``{"path": ..., "reason": ...}`` object per input that could not be labelled.
+- ``samples.tsv``: line i is ``relative/path<TAB>class_index`` of row i (-1 without class folders),
+  the path escaped (``\\\\``, ``\\t``, ``\\n``, ``\\r``, ``\\xNN``, ...: see :mod:`trt_relabel.sample_table`;
+  format 1 stores, still read and resumed, hold raw paths).
+- ``errors.jsonl``: one ``{"path": ..., "reason": ...}`` object per input that could not be labelled
+  (a torn line a crash or a full disk leaves is skipped by readers and dropped at finish).
 - ``status.npy`` uint8 [N]: 0 = pending, 1 = labelled, 2 = failed (the resume state).
 
 Every array is preallocated at creation (and its disk space reserved), so labelling only writes
 rows in place. A row's labels are written before its status, so after a crash (even kill -9) a row
 marked labelled holds its labels and a pending row is simply labelled again.
+
+Opening a store checks the manifest (keys, types, values), the arrays' dtypes and shapes and every
+status byte; class indices are checked on the rows read (:meth:`LabelStore.gather`), since a
+scan of a whole ImageNet store (2.9 GB) would cost seconds at every open.
 """
 
 from __future__ import annotations
 
 import errno
 import json
+import mmap
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -31,10 +40,13 @@ from numpy.lib.format import open_memmap
 from trt_relabel import __version__
 from trt_relabel.errors import RelabelError
 from trt_relabel.fileio import remove_stale, temporary_dir, umask, write_atomic
-from trt_relabel.images import ImageEntry, first_difference
+from trt_relabel.images import ImageEntry
 from trt_relabel.locks import check_no_writer, remove_lock_files
+from trt_relabel.sample_table import SamplesError, SampleTable
 
-FORMAT = "trt-relabel-store/1"
+FORMAT = "trt-relabel-store/1.1"
+#: Readable formats -> whether their samples.tsv paths are escaped.
+READABLE_FORMATS = {"trt-relabel-store/1": False, FORMAT: True}
 
 MANIFEST = "manifest.json"
 VALUES = "values.npy"
@@ -109,26 +121,6 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-def _read_samples(path: Path) -> list[ImageEntry]:
-    """samples.tsv -> entries (the class index is the last tab-separated field)."""
-    samples = []
-    text = path.read_text(encoding="utf-8", errors="surrogateescape")
-    lines = text.split("\n")
-    if lines[-1] == "":
-        lines.pop()
-    for n, line in enumerate(lines, 1):
-        rel, sep, label = line.rpartition("\t")
-        if not sep or not label.lstrip("-").isdigit():
-            raise StoreError(f"{path}:{n}: not 'path<TAB>class_index': {line[:80]!r}")
-        samples.append(ImageEntry(rel, int(label)))
-    return samples
-
-
-def _write_samples(path: Path, samples: list[ImageEntry]) -> None:
-    text = "".join(f"{s.path}\t{s.class_index}\n" for s in samples)
-    path.write_text(text, encoding="utf-8", errors="surrogateescape")
-
-
 def _load_array(path: Path, mode: str, dtype: type, shape: tuple[int, ...]) -> np.memmap:
     """Memory-map a .npy file and check its dtype and shape against the manifest."""
     try:
@@ -161,61 +153,162 @@ def _read_manifest(path: Path) -> dict:
         raise StoreError(f"{file}: unreadable manifest ({e})") from None
     if not isinstance(manifest, dict):
         raise StoreError(f"{file}: the manifest is not a JSON object")
-    if manifest.get("format") != FORMAT:
-        raise StoreError(f"{file}: format is {manifest.get('format')!r}, not {FORMAT!r}")
+    if manifest.get("format") not in READABLE_FORMATS:
+        expected = " or ".join(repr(f) for f in READABLE_FORMATS)
+        raise StoreError(f"{file}: format is {manifest.get('format')!r}, not {expected}")
     missing = [k for k in REQUIRED_KEYS if k not in manifest]
     if missing:
         raise StoreError(f"{file}: missing keys {', '.join(missing)}")
-    try:
-        StoreSpec.from_manifest(manifest)
-        int(manifest["num_samples"])
-    except (TypeError, ValueError, IndexError) as e:
-        raise StoreError(f"{file}: malformed values ({e})") from None
+    problem = _manifest_problem(manifest)
+    if problem:
+        raise StoreError(f"{file}: {problem}")
     return manifest
 
 
-class LabelStore:
-    """Read side of a store, memory-mapped (opening reads only the manifest and samples.tsv).
+def _is_int(value: object, low: int, high: int | None = None) -> bool:
+    """Whether `value` is a JSON integer (not a bool) in [low, high]."""
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= (high if high else value)
 
-    Raises :class:`StoreError` when the manifest is missing or malformed, or when an array or
-    samples.tsv disagrees with it.
+
+def _manifest_problem(manifest: dict) -> str | None:
+    """What is wrong with the values of a manifest that has every required key; None if nothing."""
+    expected = {
+        "teacher": "a string",
+        "teacher_hash": "a string",
+        "graph_sha256": "a string",
+        "started_at": "a string",
+        "tool_version": "a string",
+        "input_size": "an integer >= 1",
+        "topk": "an integer >= 1",
+        "num_classes": "an integer in [1, 32768] (int16 class indices)",
+        "num_samples": "an integer >= 1",
+        "num_failed": "an integer in [0, num_samples]",
+        "complete": "true or false",
+        "finished_at": "a string or null",
+        "value_kind": '"logits"',
+        "map_size": "[h, w], two integers >= 1",
+    }
+    num_samples = manifest["num_samples"]
+    valid = {
+        "teacher": isinstance(manifest["teacher"], str),
+        "teacher_hash": isinstance(manifest["teacher_hash"], str),
+        "graph_sha256": isinstance(manifest["graph_sha256"], str),
+        "started_at": isinstance(manifest["started_at"], str),
+        "tool_version": isinstance(manifest["tool_version"], str),
+        "input_size": _is_int(manifest["input_size"], 1),
+        "topk": _is_int(manifest["topk"], 1),
+        "num_classes": _is_int(manifest["num_classes"], 1, 32768),
+        "num_samples": _is_int(num_samples, 1),
+        "num_failed": _is_int(manifest["num_failed"], 0, num_samples if _is_int(num_samples, 1) else None),
+        "complete": isinstance(manifest["complete"], bool),
+        "finished_at": manifest["finished_at"] is None or isinstance(manifest["finished_at"], str),
+        "value_kind": manifest["value_kind"] == "logits",
+        "map_size": isinstance(manifest["map_size"], list)
+        and len(manifest["map_size"]) == 2
+        and all(_is_int(side, 1) for side in manifest["map_size"]),
+    }
+    key = next((key for key, ok in valid.items() if not ok), None)
+    if key is not None:
+        return f"{key} is {json.dumps(manifest[key])}, expected {expected[key]}"
+    if manifest["topk"] > manifest["num_classes"]:
+        return f"topk {manifest['topk']} exceeds num_classes {manifest['num_classes']}"
+    return None
+
+
+def _advised(array: np.memmap, advice: int) -> np.memmap:
+    """`array` with the kernel told how its pages will be read (mmap.MADV_*); as is where the
+    platform has no madvise."""
+    if hasattr(array, "_mmap") and array._mmap is not None and hasattr(array._mmap, "madvise"):
+        array._mmap.madvise(advice)
+    return array
+
+
+class LabelStore:
+    """Read side of a store, memory-mapped (opening reads the manifest, the status bytes and
+    samples.tsv; the label arrays are read on access).
+
+    Raises :class:`StoreError` when the manifest is missing or malformed, when an array or
+    samples.tsv disagrees with it, when a status byte is not 0, 1 or 2, and (on the rows read)
+    when a class index lies outside [0, num_classes).
+
+    `values` and `indices` map the arrays with the kernel's default read-ahead (for reading long
+    runs of rows); :meth:`gather` reads scattered rows through a second mapping advised
+    MADV_RANDOM, so that a cold random batch reads a few pages per row instead of megabytes.
     """
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.manifest = _read_manifest(self.path)
         self.spec = StoreSpec.from_manifest(self.manifest)
-        n = int(self.manifest["num_samples"])
-        shape = (n, *self.spec.row_shape)
-        self.values = _load_array(self.path / VALUES, "r", np.float16, shape)
-        self.indices = _load_array(self.path / INDICES, "r", np.int16, shape)
+        n = self.manifest["num_samples"]
+        self._shape = (n, *self.spec.row_shape)
+        self.values = _load_array(self.path / VALUES, "r", np.float16, self._shape)
+        self.indices = _load_array(self.path / INDICES, "r", np.int16, self._shape)
         self._status = _load_array(self.path / STATUS, "r", np.uint8, (n,))
+        self._random: tuple[np.memmap, np.memmap] | None = None
+        self._check_status()
         try:
-            self.samples = _read_samples(self.path / SAMPLES)
-        except OSError as e:
-            raise StoreError(f"{self.path / SAMPLES}: unreadable ({e.strerror})") from None
+            self.samples = SampleTable.read(self.path / SAMPLES, escaped=READABLE_FORMATS[self.manifest["format"]])
+        except SamplesError as e:
+            raise StoreError(str(e)) from None
         if len(self.samples) != n:
             raise StoreError(f"{self.path / SAMPLES}: {len(self.samples)} lines, the manifest says {n} samples")
         self.topk = self.spec.topk
         self.map_size = self.spec.map_size
         self.num_classes = self.spec.num_classes
-        self.complete = bool(self.manifest["complete"])
+        self.complete = self.manifest["complete"]
+
+    def _check_status(self) -> None:
+        status = self.status()
+        if status.size and status.max() > FAILED:
+            row = int(np.argmax(status > FAILED))
+            raise StoreError(
+                f"{self.path / STATUS}: row {row} has status {status[row]}, not 0 (pending), 1 (labelled) or 2 (failed)"
+            )
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, row: int) -> tuple[np.ndarray, np.ndarray]:
-        """Row `row`: values float16 [k, h, w], indices int16 [k, h, w]."""
-        return np.asarray(self.values[row]), np.asarray(self.indices[row])
+        """Row `row`: values float16 [k, h, w], indices int16 [k, h, w] (checked as by :meth:`gather`)."""
+        values, indices = self.gather([row + len(self) if row < 0 else row])
+        return values[0], indices[0]
 
     def gather(self, rows) -> tuple[np.ndarray, np.ndarray]:
         """Rows `rows` (any int sequence, repeats allowed): values float16 [B, k, h, w], indices
-        int16 [B, k, h, w], in the given order. The memmap is read once per distinct row, in
-        ascending order."""
+        int16 [B, k, h, w], in the given order. The arrays are read once per distinct row, in
+        ascending order: scattered rows through the MADV_RANDOM mapping, dense runs (at least one
+        row in four of their span) through the default one. :class:`StoreError` when a row read
+        holds a class index outside [0, num_classes)."""
         unique, inverse = np.unique(np.asarray(rows, dtype=np.int64), return_inverse=True)
         if unique.size and (unique[0] < 0 or unique[-1] >= len(self)):
             raise IndexError(f"{self.path}: rows must lie in [0, {len(self)}), got {unique[[0, -1]].tolist()}")
-        return self.values[unique][inverse], self.indices[unique][inverse]
+        dense = unique.size == 0 or unique[-1] - unique[0] < 4 * unique.size
+        values, indices = (self.values, self.indices) if dense else self._random_mappings()
+        values, indices = values[unique], indices[unique]
+        self._check_indices(unique, indices)
+        return values[inverse], indices[inverse]
+
+    def _random_mappings(self) -> tuple[np.memmap, np.memmap]:
+        if self._random is None:
+            self._random = (
+                _advised(_load_array(self.path / VALUES, "r", np.float16, self._shape), mmap.MADV_RANDOM),
+                _advised(_load_array(self.path / INDICES, "r", np.int16, self._shape), mmap.MADV_RANDOM),
+            )
+        return self._random
+
+    def _check_indices(self, rows: np.ndarray, indices: np.ndarray) -> None:
+        """StoreError naming the first of `rows` whose class indices (int16 [B, k, h, w]) leave
+        [0, num_classes)."""
+        if not indices.size or (indices.min() >= 0 and indices.max() < self.num_classes):
+            return
+        outside = ((indices < 0) | (indices >= self.num_classes)).reshape(len(rows), -1)
+        position = int(np.argmax(outside.any(axis=1)))
+        value = int(indices[position].reshape(-1)[np.argmax(outside[position])])
+        raise StoreError(
+            f"{self.path / INDICES}: row {rows[position]} holds class index {value}, "
+            f"outside [0, {self.num_classes}) (num_classes in {MANIFEST})"
+        )
 
     def status(self) -> np.ndarray:
         """uint8 [N]: each row's status, PENDING, LABELLED or FAILED."""
@@ -234,7 +327,8 @@ class LabelStore:
         )
 
     def errors(self) -> list[dict]:
-        """The parsed lines of errors.jsonl ({"path": ..., "reason": ...}); [] when there is none."""
+        """The lines of errors.jsonl ({"path": ..., "reason": ...}); [] when there is none. Torn
+        lines (a crash or a full disk in the middle of a line) are skipped."""
         return _read_errors(self.path)
 
 
@@ -260,16 +354,47 @@ def _nonfinite_reason(values: np.ndarray) -> str:
 
 
 def _read_errors(path: Path) -> list[dict]:
-    """The parsed lines of the store's errors.jsonl; [] when there is none."""
+    """The complete {"path": str, "reason": str} lines of the store's errors.jsonl, skipping torn
+    ones; [] when there is none."""
     try:
-        lines = (path / ERRORS).read_text().splitlines()
+        lines = (path / ERRORS).read_bytes().split(b"\n")
     except FileNotFoundError:
         return []
-    return [json.loads(line) for line in lines if line.strip()]
+    entries = []
+    for line in lines:
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(entry, dict) and isinstance(entry.get("path"), str) and isinstance(entry.get("reason"), str):
+            entries.append(entry)
+    return entries
 
 
-def _samples_mismatch(stored: list[ImageEntry], samples: list[ImageEntry]) -> str | None:
-    row = first_difference(stored, samples)
+def _append_line(file: Path, line: bytes) -> None:
+    """Append `line` (ending in LF) to `file` whole, retrying short writes; after a torn line (a
+    crash or a full disk in the middle of an earlier append) it starts on a line of its own.
+    OSError when it cannot be written whole (the part written is then a torn line)."""
+    fd = os.open(file, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            line = b"\n" + line
+        written = 0
+        while written < len(line):
+            count = os.write(fd, line[written:])
+            if count == 0:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(file))
+            written += count
+    finally:
+        os.close(fd)
+
+
+def _samples_mismatch(stored: SampleTable, samples: Sequence[ImageEntry]) -> str | None:
+    try:
+        row = stored.first_difference(samples)
+    except SamplesError as e:  # a name that a format 1 store cannot hold
+        return str(e)
     if row is None:
         return None
     if len(stored) != len(samples):
@@ -277,7 +402,7 @@ def _samples_mismatch(stored: list[ImageEntry], samples: list[ImageEntry]) -> st
     return f"row {row} is {stored[row]} (this run: {samples[row]})"
 
 
-def check_resumable(path: str | Path, samples: list[ImageEntry], **spec_fields) -> LabelStore:
+def check_resumable(path: str | Path, samples: Sequence[ImageEntry], **spec_fields) -> LabelStore:
     """The store at `path` when it was built from exactly `samples` with the given StoreSpec
     fields (e.g. topk=5); else :class:`StoreError` explaining the difference."""
     try:
@@ -327,7 +452,7 @@ def _preallocate(path: Path, dtype: type, shape: tuple[int, ...]) -> None:
                 raise
 
 
-def _build(path: Path, spec: StoreSpec, samples: list[ImageEntry], extra: dict | None) -> None:
+def _build(path: Path, spec: StoreSpec, samples: SampleTable, extra: dict | None) -> None:
     """Write a complete new store in a temporary sibling directory, then rename it to `path`
     (atomic: concurrent creators and crashes never leave a half-built store at `path`)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -336,7 +461,7 @@ def _build(path: Path, spec: StoreSpec, samples: list[ImageEntry], extra: dict |
         _preallocate(tmp / VALUES, np.float16, shape)
         _preallocate(tmp / INDICES, np.int16, shape)
         _preallocate(tmp / STATUS, np.uint8, (len(samples),))
-        _write_samples(tmp / SAMPLES, samples)
+        samples.write(tmp / SAMPLES)
         (tmp / ERRORS).touch()
         _write_manifest(tmp, _new_manifest(spec, len(samples), extra))
         tmp.chmod(0o777 & ~umask())
@@ -370,7 +495,7 @@ def _remove_store(path: Path) -> None:
 def create_store(
     path: str | Path,
     spec: StoreSpec,
-    samples: list[ImageEntry],
+    samples: Sequence[ImageEntry],
     *,
     overwrite: bool = False,
     extra_manifest: dict | None = None,
@@ -386,9 +511,10 @@ def create_store(
     path = Path(path)
     if not samples:
         raise StoreError(f"{path}: no input to label")
-    with_newline = next((s.path for s in samples if "\n" in s.path), None)
-    if with_newline is not None:
-        raise StoreError(f"{path}: cannot store the file name {with_newline!r} (it holds a newline)")
+    try:
+        samples = SampleTable.from_entries(samples)
+    except SamplesError as e:
+        raise StoreError(f"{path}: {e}") from None
     matched = {name: value for name, value in asdict(spec).items() if name != "graph_sha256"}
     try:
         _remove_leftovers(path)
@@ -476,15 +602,12 @@ class StoreWriter:
 
     def mark_failed(self, row: int, reason: str) -> None:
         """Mark `row` failed: one line {"path", "reason"} (the row's sample path) appended to
-        errors.jsonl, then status 2."""
+        errors.jsonl, then status 2. The status is set only once the whole line is written: when
+        the line cannot be (a full disk), :class:`StoreError` and the row stays pending."""
         line = json.dumps({"path": self._samples[row].path, "reason": reason}) + "\n"
         errors = self.path / ERRORS
         try:
-            fd = os.open(errors, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
-            try:
-                os.write(fd, line.encode())
-            finally:
-                os.close(fd)
+            _append_line(errors, line.encode())
         except OSError as e:
             raise StoreError(f"{errors}: cannot record a failed input: {e.strerror}") from None
         self._status[row] = FAILED
@@ -511,7 +634,8 @@ class StoreWriter:
             raise StoreError(f"{e.filename or self.path}: cannot finish the store: {e.strerror}") from None
 
     def _rewrite_errors(self, failed_rows: np.ndarray) -> None:
-        """errors.jsonl without the duplicates a crash between a line and its status can leave."""
+        """errors.jsonl without the duplicates a crash between a line and its status can leave, and
+        without torn lines."""
         reasons = {entry["path"]: entry["reason"] for entry in _read_errors(self.path)}
         lines = []
         for row in failed_rows:
