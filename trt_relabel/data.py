@@ -29,7 +29,8 @@ from torchvision import transforms
 from torchvision.transforms import functional as TF
 
 from trt_relabel.errors import RelabelError
-from trt_relabel.images import ImageEntry, ImageLoadError, first_difference, list_images, load_rgb
+from trt_relabel.images import ImageEntry, ImageLoadError, list_images, load_rgb
+from trt_relabel.sample_table import SampleTable
 from trt_relabel.store import LabelStore
 
 
@@ -154,14 +155,15 @@ class TrainBatches(Dataset):
 
     `store` is the open label store (None: no label maps, for the label modes that only use the
     folder classes). Forked loader workers share it; a pickled copy (a spawned worker) reopens it
-    from its directory.
+    from its directory. `entries` are held as a :class:`SampleTable` (a few NumPy buffers, no
+    Python object per row), so that forked workers share their pages instead of copying them.
     """
 
     def __init__(
         self, root: Path, entries: Sequence[ImageEntry], transform: TrainTransform, store: LabelStore | None
     ) -> None:
         self.root = Path(root)
-        self.entries = list(entries)
+        self.entries = SampleTable.from_entries(entries)
         self.transform = transform
         self.store_path = store.path if store is not None else None
         self._store = store
@@ -187,7 +189,7 @@ class TrainBatches(Dataset):
             values, indices = (torch.from_numpy(a) for a in self._open_store().gather(rows))
         return TrainBatch(
             images=images,
-            labels=torch.tensor([self.entries[row].class_index for row in rows], dtype=torch.int64),
+            labels=torch.from_numpy(self.entries.classes[rows]),
             boxes=torch.from_numpy(np.stack([c[1] for c in crops]) if crops else np.empty((0, 4), np.float32)),
             flipped=torch.tensor([c[2] for c in crops], dtype=torch.bool),
             values=values,
@@ -197,11 +199,11 @@ class TrainBatches(Dataset):
 
 
 class EvalBatches(Dataset):
-    """Evaluation batches, indexed by a list of positions in `entries`."""
+    """Evaluation batches, indexed by a list of positions in `entries` (held as a SampleTable)."""
 
     def __init__(self, root: Path, entries: Sequence[ImageEntry], transform: EvalTransform) -> None:
         self.root = Path(root)
-        self.entries = list(entries)
+        self.entries = SampleTable.from_entries(entries)
         self.transform = transform
 
     def __len__(self) -> int:
@@ -212,7 +214,7 @@ class EvalBatches(Dataset):
         images = [self.transform(picture) for picture in pictures]
         return EvalBatch(
             images=torch.stack(images) if images else torch.empty(0),
-            labels=torch.tensor([self.entries[i].class_index for i in positions], dtype=torch.int64),
+            labels=torch.from_numpy(self.entries.classes[positions]),
             positions=torch.tensor(positions, dtype=torch.int64),
             unreadable=unreadable,
         )
@@ -291,9 +293,9 @@ def batch_loader(
     )
 
 
-def folder_entries(root: str | Path, what: str) -> list[ImageEntry]:
-    """The images of the ImageFolder `root` (sorted paths, class folders), or a one-line
-    RelabelError (`what` names the option, e.g. "--data")."""
+def folder_entries(root: str | Path, what: str) -> SampleTable:
+    """The images of the ImageFolder `root` (sorted paths, class folders) as a SampleTable, or a
+    one-line RelabelError (`what` names the option, e.g. "--data")."""
     try:
         entries = list_images(root)
     except FileNotFoundError:
@@ -304,21 +306,19 @@ def folder_entries(root: str | Path, what: str) -> list[ImageEntry]:
         raise RelabelError(f"{root}: {what} holds no images")
     if entries[0].class_index < 0:
         raise RelabelError(f"{root}: {what} has no class folders (ImageFolder layout: DIR/CLASS/IMAGE)")
-    return entries
+    return SampleTable.from_entries(entries)
 
 
 def aligned_store(entries: Sequence[ImageEntry], store: LabelStore, root: str | Path) -> None:
     """Raise a one-line RelabelError unless row i of `store` labels the image `entries[i]` (same
     relative paths in the same order), naming the first differing path."""
-    stored = [s.path for s in store.samples]
-    found = [e.path for e in entries]
-    row = first_difference(stored, found)
+    row = store.samples.first_difference(entries, classes=False)
     if row is None:
         return
-    in_store = stored[row] if row < len(stored) else "(no more rows)"
-    in_data = found[row] if row < len(found) else "(no more images)"
+    in_store = store.samples.path(row) if row < len(store) else "(no more rows)"
+    in_data = entries[row].path if row < len(entries) else "(no more images)"
     raise RelabelError(
-        f"{store.path}: does not label the images of {root} ({len(stored)} rows, {len(found)} images); "
+        f"{store.path}: does not label the images of {root} ({len(store)} rows, {len(entries)} images); "
         f"first difference at row {row}: {in_store!r} in the store, {in_data!r} in the data"
     )
 

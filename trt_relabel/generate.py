@@ -341,7 +341,9 @@ def generate(
         raise UsageError("--overwrite cannot be combined with --shard (a shard would delete the others' work)")
     out = Path(out)
     _check_writable(out)
-    _check_existing_store(out, Path(data), samples, teacher, size, topk, overwrite, retry_failed, shard)
+    existing = _check_existing_store(out, Path(data), samples, teacher, size, topk, overwrite, retry_failed, shard)
+    if existing is not None:
+        samples = existing.samples  # equal to the listed ones (checked); reopening it reuses the parsed table
     from trt_relabel.backends import open_backend
 
     group = _Group()
@@ -439,21 +441,23 @@ def _check_existing_store(
     overwrite: bool,
     retry_failed: bool,
     shard: tuple[int, int],
-) -> None:
+) -> LabelStore | None:
     """Refuse a mismatched store before the (slow) backend start; the teacher hash is checked later.
     With `retry_failed`, a store whose only difference is folders it could not list, which now
-    can be, is rebuilt for the new input list (:mod:`trt_relabel.relist`)."""
+    can be, is rebuilt for the new input list (:mod:`trt_relabel.relist`). Returns the existing
+    store (None: there is none, or it was rebuilt)."""
     if overwrite or not (out / MANIFEST).is_file():
-        return
+        return None
     from trt_relabel.teacher import get_teacher_config
 
     config = get_teacher_config(teacher, size)
     fields = {"teacher": config.name, "input_size": config.input_size, "topk": topk}
     try:
-        check_resumable(out, samples, **fields)
+        return check_resumable(out, samples, **fields)
     except StoreError as mismatch:
         if not _relist(out, data, samples, fields, retry_failed, shard):
             raise mismatch from None
+    return None
 
 
 def _relist(

@@ -51,6 +51,7 @@ from trt_relabel.data import (
 )
 from trt_relabel.errors import RelabelError, UsageError
 from trt_relabel.fileio import atomic_file, remove_stale
+from trt_relabel.sample_table import SampleTable
 from trt_relabel.store import LabelStore
 from trt_relabel.targets import (
     CellTargets,
@@ -464,13 +465,13 @@ def train(config: TrainConfig, console=None) -> TrainResult:
         return _train(config, process, console if process.is_main else None)
 
 
-def _open_data(config: TrainConfig) -> tuple[list, LabelStore | None, int]:
+def _open_data(config: TrainConfig) -> tuple[SampleTable, LabelStore | None, int]:
     """(training entries, store or None, number of classes), aligned and checked."""
     entries = folder_entries(config.data, "--data")
     store = LabelStore(config.labels) if config.labels is not None else None
     if store is not None:
         aligned_store(entries, store, config.data)
-    folder_classes = max(e.class_index for e in entries) + 1
+    folder_classes = int(entries.classes.max()) + 1
     num_classes = store.num_classes if store is not None else folder_classes
     if config.label_mode != "relabel" and folder_classes > num_classes:
         raise RelabelError(f"{config.data}: more class folders than the store's {num_classes} classes")

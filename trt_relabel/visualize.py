@@ -114,7 +114,7 @@ def store_stats(
         if progress:
             progress(min(start + chunk_rows, len(labelled)), len(labelled))
     rows, top1, second, entropies = labelled[finite], top1[finite], second[finite], entropies[finite]
-    classes = np.array([store.samples[row].class_index for row in rows], dtype=np.int64)
+    classes = store.samples.classes[rows]
     with_class = classes >= 0
     num_agree = int((top1[with_class] == classes[with_class]).sum())
     num_multi = int((second > threshold).sum())
