@@ -215,12 +215,22 @@ def _manifest_problem(manifest: dict) -> str | None:
     return None
 
 
-def _advised(array: np.memmap, advice: int) -> np.memmap:
-    """`array` with the kernel told how its pages will be read (mmap.MADV_*); as is where the
-    platform has no madvise."""
-    if hasattr(array, "_mmap") and array._mmap is not None and hasattr(array._mmap, "madvise"):
-        array._mmap.madvise(advice)
+def _random_rows(array: np.memmap) -> np.memmap:
+    """`array` advised MADV_RANDOM: a page fault reads that page only, not the default read-ahead
+    (megabytes for 2 KB rows)."""
+    array._mmap.madvise(mmap.MADV_RANDOM)
     return array
+
+
+def _read_rows(array: np.memmap, rows: np.ndarray) -> np.ndarray:
+    """array[rows] (`rows` ascending), the pages of every row requested at once (MADV_WILLNEED)
+    before the copy, so that cold rows are read in parallel rather than one fault after another."""
+    row_bytes = array.strides[0]
+    starts = array.offset % mmap.ALLOCATIONGRANULARITY + rows * row_bytes  # within the mapping
+    first_page = starts - starts % mmap.PAGESIZE
+    for start, length in zip(first_page.tolist(), (starts + row_bytes - first_page).tolist(), strict=True):
+        array._mmap.madvise(mmap.MADV_WILLNEED, start, length)
+    return array[rows]
 
 
 class LabelStore:
@@ -277,23 +287,24 @@ class LabelStore:
     def gather(self, rows) -> tuple[np.ndarray, np.ndarray]:
         """Rows `rows` (any int sequence, repeats allowed): values float16 [B, k, h, w], indices
         int16 [B, k, h, w], in the given order. The arrays are read once per distinct row, in
-        ascending order: scattered rows through the MADV_RANDOM mapping, dense runs (at least one
-        row in four of their span) through the default one. :class:`StoreError` when a row read
-        holds a class index outside [0, num_classes)."""
+        ascending order: scattered rows through the MADV_RANDOM mapping (all their pages requested
+        at once), dense runs (at least one row in four of their span) through the default one.
+        :class:`StoreError` when a row read holds a class index outside [0, num_classes)."""
         unique, inverse = np.unique(np.asarray(rows, dtype=np.int64), return_inverse=True)
         if unique.size and (unique[0] < 0 or unique[-1] >= len(self)):
             raise IndexError(f"{self.path}: rows must lie in [0, {len(self)}), got {unique[[0, -1]].tolist()}")
-        dense = unique.size == 0 or unique[-1] - unique[0] < 4 * unique.size
-        values, indices = (self.values, self.indices) if dense else self._random_mappings()
-        values, indices = values[unique], indices[unique]
+        if unique.size == 0 or unique[-1] - unique[0] < 4 * unique.size:
+            values, indices = self.values[unique], self.indices[unique]
+        else:
+            values, indices = (_read_rows(array, unique) for array in self._random_mappings())
         self._check_indices(unique, indices)
         return values[inverse], indices[inverse]
 
     def _random_mappings(self) -> tuple[np.memmap, np.memmap]:
         if self._random is None:
             self._random = (
-                _advised(_load_array(self.path / VALUES, "r", np.float16, self._shape), mmap.MADV_RANDOM),
-                _advised(_load_array(self.path / INDICES, "r", np.int16, self._shape), mmap.MADV_RANDOM),
+                _random_rows(_load_array(self.path / VALUES, "r", np.float16, self._shape)),
+                _random_rows(_load_array(self.path / INDICES, "r", np.int16, self._shape)),
             )
         return self._random
 
