@@ -88,9 +88,16 @@ def private_dirty_mb(pid):
 
 rows = 200_000
 entries = [ImageEntry(f"class{i % 1000:04d}/image{i:08d}.JPEG", i % 1000) for i in range(rows)]
-data._load = lambda root, entry: entry.path  # decoding stubbed: the worker only touches the entries
-image = torch.zeros(3, 4, 4)
-dataset = data.TrainBatches(Path("."), entries, lambda path: (image, np.zeros(4, np.float32), False), None)
+data.load_rgb = lambda path: path  # decoding stubbed: the worker only touches the entries
+
+class StubTransform:
+    size = [4, 4]
+
+    def __call__(self, picture):
+        return torch.zeros(3, 4, 4), np.zeros(4, np.float32), False
+
+
+dataset = data.TrainBatches(Path("."), entries, StubTransform(), None)
 del entries
 sampler = data.ShardedBatchSampler(np.arange(rows), 2000, shuffle=True, drop_last=True)
 batches = iter(data.batch_loader(dataset, sampler, workers=1))
@@ -105,9 +112,10 @@ print(private_dirty_mb(batches._workers[0].pid) - start)
 @pytest.mark.skipif(not Path("/proc/self/smaps_rollup").exists(), reason="reads Linux /proc/PID/smaps_rollup")
 def test_loader_workers_share_the_sample_pages():
     """A forked worker that reads every row of 200000 once copies almost none of the parent's
-    pages (Python objects per row would be copied on access: ~40 MB)."""
+    pages (Python objects per row, and the parent objects a garbage collection in the worker
+    traverses, would be copied on access: ~100 MB)."""
     done = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(WORKER_MEMORY)], capture_output=True, text=True, timeout=300
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    assert float(done.stdout.split()[-1]) < 10
+    assert float(done.stdout.split()[-1]) < 20
