@@ -122,10 +122,12 @@ class SampleTable(Sequence[ImageEntry]):
             last_tab = tabs  # one TAB per line
         else:  # format 1 (a path may hold TABs: the class follows the last one), or a malformed file
             count = np.searchsorted(tabs, ends) - np.searchsorted(tabs, starts)
-            for problem, lines in (("not 'path<TAB>class_index'", count == 0), ("more than one TAB", count > 1)):
-                if lines.any() and (escaped or count.min() == 0):
-                    line = int(np.argmax(lines))
-                    cls._fail(data, starts[line], line, name, problem)
+            if (count == 0).any():
+                line = int(np.argmax(count == 0))
+                cls._fail(data, starts[line], line, name, "not 'path<TAB>class_index'")
+            if escaped and (count > 1).any():
+                line = int(np.argmax(count > 1))
+                cls._fail(data, starts[line], line, name, "more than one TAB")
             last_tab = tabs[np.searchsorted(tabs, ends) - 1]
         classes = cls._parse_classes(data, buf, starts, last_tab, ends, name)
         table = cls(data, starts, last_tab, classes, escaped)
