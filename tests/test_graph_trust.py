@@ -17,6 +17,7 @@ import pytest
 from onnx import numpy_helper
 from PIL import Image
 
+import trt_relabel
 from trt_relabel.backends import OnnxRuntimeBackend, graph_may_continue
 from trt_relabel.cli import main
 from trt_relabel.export import (
@@ -86,6 +87,16 @@ def test_graph_names_carry_their_sha256(bundled_graphs):
         path = getattr(bundled_graphs, precision)
         assert path.name.endswith(f".{precision}.{bundled_graphs.sha256[precision][:NAME_DIGEST_CHARS]}.onnx")
         assert graph_sha256(path) == bundled_graphs.sha256[precision]
+
+
+def test_graph_bytes_do_not_depend_on_where_the_code_is_installed(bundled_graphs):
+    """Exports leave out the exporter's stack traces (source file paths), so two machines exporting the
+    same teacher with the same versions write the same graph, and may continue each other's stores."""
+    source_folder = str(Path(trt_relabel.__file__).parent).encode()
+    for path in (bundled_graphs.fp32, bundled_graphs.fp16):
+        assert source_folder not in path.read_bytes()
+        model = onnx.load(str(path), load_external_data=False)
+        assert not any(p.key == "pkg.torch.onnx.stack_trace" for n in model.graph.node for p in n.metadata_props)
 
 
 def test_a_graph_with_one_bias_changed_is_refused_before_it_labels(two_photos, engines, tmp_path, monkeypatch, capfd):

@@ -291,6 +291,8 @@ def export_onnx(graph: RelabelGraph, metadata: GraphMetadata, out_dir: Path) -> 
     except Exception as e:  # noqa: BLE001 - the exporter raises many kinds
         raise ExportError(f"{metadata.architecture}: ONNX export failed: {str(e).splitlines()[0]}") from None
     program.model.metadata_props[METADATA_KEY] = metadata.to_json()
+    for node in program.model.graph.all_nodes():
+        node.metadata_props.pop("pkg.torch.onnx.stack_trace", None)  # source paths: same graph, same bytes anywhere
     weight_bytes = sum(p.numel() * p.element_size() for p in graph.parameters())
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".export-") as tmp:
