@@ -35,7 +35,6 @@ from trt_relabel.export import (
     GraphMetadata,
     graph_sha256,
     read_graph_metadata,
-    sha256_file,
 )
 from trt_relabel.fileio import write_atomic
 from trt_relabel.trt_compat import check_tensorrt_compatible
@@ -218,7 +217,7 @@ def build_engine(
         profile=profile,
         metadata=read_graph_metadata(graph),
         built_at=datetime.now(UTC).isoformat(timespec="seconds"),
-        plan_sha256=sha256_file(plan),
+        plan_sha256=hashlib.sha256(serialized).hexdigest(),
     ).save(sidecar_path)
     return plan
 
