@@ -299,7 +299,8 @@ def test_cli_defaults_are_the_rules_defaults():
 
 def test_cli_errors_are_one_line(rule_store, tmp_path):
     missing = run_cli("audit", tmp_path / "nothing", "--out", tmp_path / "r")
-    assert missing.returncode == 1 and "not a label store" in missing.stderr
+    assert missing.returncode == 1 and missing.stderr.startswith(f"error: {tmp_path / 'nothing'}: ")
+    assert len(missing.stderr.strip().splitlines()) == 1
     bad_prob = run_cli("audit", rule_store, "--out", tmp_path / "r", "--present-prob", "0")
     assert bad_prob.returncode == 2 and "--present-prob" in bad_prob.stderr
     bad_top = run_cli("audit", rule_store, "--out", tmp_path / "r", "--top", "-1")
