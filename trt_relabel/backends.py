@@ -300,19 +300,21 @@ def open_backend(
         plan = build_engine(graphs.fp16, max_batch=max_batch, rebuild_stale=False, log=log, device=gpu)
         backend: Backend = TensorRTBackend(plan, max_batch, device=gpu)
     else:
-        backend = _onnxruntime_backend(graphs, precision, gpu, max_batch, Path(engines_dir), log)
+        backend = onnxruntime_backend(graphs, precision, gpu, max_batch, log)
     backend.teacher_graphs = frozenset(graphs.sha256.values())
     return backend
 
 
-def _onnxruntime_backend(
+def onnxruntime_backend(
     graphs: BuiltGraphs,
     precision: str | None,
     gpu: int | None,
     max_batch: int,
-    engines_dir: Path,
-    log: Callable[[str], None],
+    log: Callable[[str], None] = print,
 ) -> OnnxRuntimeBackend:
+    """ONNX Runtime over the teacher's graph for `precision` (None: fp16 with CUDA, else fp32) with its
+    best providers on GPU `gpu` (None: the CPU); the TensorRT provider caches its engines beside the
+    graphs and takes batches up to `max_batch` (see :func:`tensorrt_provider_options`)."""
     ort = import_onnxruntime()
 
     missing_cuda = ort_cuda_missing() if gpu is not None else None
@@ -329,7 +331,7 @@ def _onnxruntime_backend(
     options = []
     for provider in providers:
         if provider == "TensorrtExecutionProvider":
-            cache = engines_dir / "onnxruntime-tensorrt"
+            cache = graphs.fp16.parent / "onnxruntime-tensorrt"
             cache.mkdir(parents=True, exist_ok=True)
             options.append(tensorrt_provider_options(metadata, gpu or 0, max_batch, cache))
         else:

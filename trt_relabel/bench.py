@@ -20,11 +20,10 @@ import torch
 
 from trt_relabel.backends import (
     Backend,
-    OnnxRuntimeBackend,
     TorchBackend,
     cuda_available,
+    onnxruntime_backend,
     onnxruntime_providers,
-    ort_providers,
     tensorrt_importable,
 )
 from trt_relabel.errors import UsageError
@@ -81,11 +80,8 @@ def model_variants(graphs: BuiltGraphs, prepared: PreparedTeacher, batch_size: i
     if not cpu:
         fp16 = dataclasses.replace(meta, precision="fp16")
         variants.append((TorchBackend(relabel_graph(prepared, "fp16", channels_last=True), fp16, device), "torch"))
-    providers, precision = ort_providers(None)
-    graph = graphs.fp16 if precision == "fp16" else graphs.fp32
-    variants.append(
-        (OnnxRuntimeBackend(graph, dataclasses.replace(meta, precision=precision), providers), "onnxruntime")
-    )
+    gpu = None if cpu else torch.cuda.current_device()
+    variants.append((onnxruntime_backend(graphs, None, gpu, max(batch_size, 64)), "onnxruntime"))
     if not cpu and tensorrt_importable():
         from trt_relabel.tensorrt_engine import TensorRTBackend, build_engine
 
