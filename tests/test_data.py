@@ -24,6 +24,7 @@ from trt_relabel.data import (
 )
 from trt_relabel.errors import RelabelError
 from trt_relabel.images import ImageEntry, list_images
+from trt_relabel.shards import FolderInputs
 from trt_relabel.store import LabelStore, StoreSpec, create_store
 
 NUM_CLASSES = 10
@@ -98,7 +99,7 @@ def test_batches_are_built_in_workers_with_the_stores_rows(image_folder, label_s
     entries = list_images(image_folder)
     transform = TrainTransform(32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
     store = LabelStore(label_store)
-    dataset = TrainBatches(image_folder, entries, transform, store)
+    dataset = TrainBatches(FolderInputs(image_folder), entries, transform, store)
     assert len(pickle.dumps(dataset)) < 10_000  # the open store is not pickled to (spawned) workers
     assert pickle.loads(pickle.dumps(dataset))[[0]].values.shape == (1, *store.spec.row_shape)  # it reopens
     sampler = ShardedBatchSampler(range(len(entries)), 5, shuffle=True, drop_last=False, seed=3)
@@ -112,7 +113,7 @@ def test_batches_are_built_in_workers_with_the_stores_rows(image_folder, label_s
         np.testing.assert_array_equal(batch.indices.numpy(), store.indices[batch_rows])
         seen += batch_rows
     assert sorted(seen) == list(range(len(entries)))
-    without_maps = TrainBatches(image_folder, entries, transform, None)[[1, 2]]
+    without_maps = TrainBatches(FolderInputs(image_folder), entries, transform, None)[[1, 2]]
     assert without_maps.values is None and without_maps.indices is None
 
 

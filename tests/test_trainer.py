@@ -21,6 +21,7 @@ from trt_relabel.data import TrainBatch, TrainBatches, TrainTransform
 from trt_relabel.errors import RelabelError, UsageError
 from trt_relabel.images import list_images
 from trt_relabel.pooling import label_pooling
+from trt_relabel.shards import FolderInputs
 from trt_relabel.store import LabelStore
 from trt_relabel.targets import CutMix, cutmix_relabel_targets, local_targets, soft_cross_entropy
 from trt_relabel.trainer import (
@@ -404,7 +405,9 @@ def test_bad_images_are_skipped_and_counted(image_folder, label_store, tmp_path,
     cut.write_bytes(cut.read_bytes()[:2000])
     entries = list_images(data)
     bad = [row for row, e in enumerate(entries) if e.path in ("cat/chelsea.jpg", "coffee/coffee.jpg")]
-    dataset = TrainBatches(data, entries, TrainTransform(32, (0, 0, 0), (1, 1, 1)), LabelStore(label_store))
+    dataset = TrainBatches(
+        FolderInputs(data), entries, TrainTransform(32, (0, 0, 0), (1, 1, 1)), LabelStore(label_store)
+    )
     good = [row for row in range(len(entries)) if row not in bad][:2]
     batch = dataset[[good[0], bad[0], good[1]]]
     assert batch.labels.tolist() == [entries[row].class_index for row in good]

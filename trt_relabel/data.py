@@ -2,7 +2,8 @@
 
 Row i of the store (line i of samples.tsv) labels the i-th image of
 ``trt_relabel.images.list_images(DIR)``; :func:`aligned_store` checks that before any step.
-Images are decoded with :func:`trt_relabel.images.load_rgb`, the decode path of labelling.
+Images are decoded with :func:`trt_relabel.images.load_rgb`, the decode path of labelling; they
+are files of an ImageFolder or members of tar shards (:mod:`trt_relabel.shards`).
 
 A training batch is built whole in a loader worker: :class:`TrainBatches` is indexed by a list of
 rows (the batches of :class:`ShardedBatchSampler`), decodes and augments those images, and reads
@@ -30,9 +31,12 @@ from torchvision import transforms
 from torchvision.transforms import functional as TF
 
 from trt_relabel.errors import RelabelError
-from trt_relabel.images import ImageEntry, ImageLoadError, list_images, load_rgb
+from trt_relabel.images import ImageEntry, ImageLoadError, list_images
 from trt_relabel.sample_table import SampleTable
+from trt_relabel.shards import FolderInputs, ShardInputs, open_inputs
 from trt_relabel.store import LabelStore
+
+Inputs = FolderInputs | ShardInputs
 
 
 class TrainBatch(NamedTuple):
@@ -136,23 +140,25 @@ class EvalTransform:
 
 
 def load_readable(
-    root: Path, entries: Sequence[ImageEntry], positions: Sequence[int]
+    inputs: Inputs, entries: Sequence[ImageEntry], positions: Sequence[int]
 ) -> tuple[list[int], list[Image.Image], tuple[str, ...]]:
-    """Decode the images `entries[i]` for i in `positions` (:func:`load_rgb`): (the positions that
-    decoded, their RGB images, "path: reason" of each one that did not). A bad image (empty,
-    damaged after labelling, ...) is left out of its batch, never raised."""
+    """Decode the images `entries[i]` for i in `positions` (``inputs.load``, i.e. :func:`load_rgb`
+    of a file or a shard member): (the positions that decoded, their RGB images, "path: reason"
+    of each one that did not). A bad image (empty, damaged after labelling, ...) is left out of
+    its batch, never raised."""
     readable, images, unreadable = [], [], []
     for i in positions:
         try:
-            images.append(load_rgb(root / entries[i].path))
+            images.append(inputs.load(i, entries[i]))
             readable.append(i)
         except ImageLoadError as e:
-            unreadable.append(f"{root / entries[i].path}: {e}")
+            unreadable.append(f"{inputs.name(i, entries[i])}: {e}")
     return readable, images, tuple(unreadable)
 
 
 class TrainBatches(Dataset):
-    """Training batches, indexed by a list of rows (store rows = positions in `entries`).
+    """Training batches, indexed by a list of rows (store rows = positions in `entries`, whose
+    bytes `inputs` reads: a folder or tar shards).
 
     `store` is the open label store (None: no label maps, for the label modes that only use the
     folder classes). Forked loader workers share it; a pickled copy (a spawned worker) reopens it
@@ -161,9 +167,9 @@ class TrainBatches(Dataset):
     """
 
     def __init__(
-        self, root: Path, entries: Sequence[ImageEntry], transform: TrainTransform, store: LabelStore | None
+        self, inputs: Inputs, entries: Sequence[ImageEntry], transform: TrainTransform, store: LabelStore | None
     ) -> None:
-        self.root = Path(root)
+        self.inputs = inputs
         self.entries = SampleTable.from_entries(entries)
         self.transform = transform
         self.store_path = store.path if store is not None else None
@@ -181,7 +187,7 @@ class TrainBatches(Dataset):
         return len(self.entries)
 
     def __getitem__(self, rows: Sequence[int]) -> TrainBatch:
-        rows, pictures, unreadable = load_readable(self.root, self.entries, rows)
+        rows, pictures, unreadable = load_readable(self.inputs, self.entries, rows)
         crops = [self.transform(picture) for picture in pictures]
         size = self.transform.size
         images = torch.stack([c[0] for c in crops]) if crops else torch.empty(0, 3, *size)
@@ -200,10 +206,11 @@ class TrainBatches(Dataset):
 
 
 class EvalBatches(Dataset):
-    """Evaluation batches, indexed by a list of positions in `entries` (held as a SampleTable)."""
+    """Evaluation batches, indexed by a list of positions in `entries` (held as a SampleTable, read
+    by `inputs`)."""
 
-    def __init__(self, root: Path, entries: Sequence[ImageEntry], transform: EvalTransform) -> None:
-        self.root = Path(root)
+    def __init__(self, inputs: Inputs, entries: Sequence[ImageEntry], transform: EvalTransform) -> None:
+        self.inputs = inputs
         self.entries = SampleTable.from_entries(entries)
         self.transform = transform
 
@@ -211,7 +218,7 @@ class EvalBatches(Dataset):
         return len(self.entries)
 
     def __getitem__(self, positions: Sequence[int]) -> EvalBatch:
-        positions, pictures, unreadable = load_readable(self.root, self.entries, positions)
+        positions, pictures, unreadable = load_readable(self.inputs, self.entries, positions)
         images = [self.transform(picture) for picture in pictures]
         return EvalBatch(
             images=torch.stack(images) if images else torch.empty(0),
@@ -323,6 +330,20 @@ def folder_entries(root: str | Path, what: str) -> SampleTable:
     if entries[0].class_index < 0:
         raise RelabelError(f"{root}: {what} has no class folders (ImageFolder layout: DIR/CLASS/IMAGE)")
     return SampleTable.from_entries(entries)
+
+
+def data_entries(root: str | Path, what: str) -> tuple[SampleTable, Inputs]:
+    """The images of `root` and where their bytes are: tar shards (a .tar or a folder of only
+    .tar files, classes from their .cls members) or an ImageFolder (:func:`folder_entries`); a
+    one-line RelabelError for images without classes."""
+    shards = open_inputs(root)
+    if shards is None:
+        return folder_entries(root, what), FolderInputs(root)
+    entries, inputs = shards
+    if any(e.class_index < 0 for e in entries):
+        missing = next(e.path for e in entries if e.class_index < 0)
+        raise RelabelError(f"{root}: {what} has an image without a class ({missing}: no KEY.cls member)")
+    return SampleTable.from_entries(entries), inputs
 
 
 def aligned_store(entries: Sequence[ImageEntry], store: LabelStore, root: str | Path) -> None:

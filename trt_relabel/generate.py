@@ -39,12 +39,12 @@ from trt_relabel.images import (
     ImageEntry,
     ImageLoadError,
     list_images,
-    load_rgb,
     read_file_list,
     resize_whole,
 )
 from trt_relabel.locks import check_no_writer, check_rows_free, claim_rows
 from trt_relabel.progress import progress_bar
+from trt_relabel.shards import FolderInputs, ShardInputs, open_inputs
 from trt_relabel.store import (
     ERRORS,
     FAILED,
@@ -62,6 +62,8 @@ from trt_relabel.terminal import console
 
 if TYPE_CHECKING:
     from trt_relabel.backends import Backend
+
+Inputs = FolderInputs | ShardInputs
 
 
 @dataclass(frozen=True)
@@ -115,14 +117,14 @@ class PendingImages:
 
     def __init__(
         self,
-        root: Path,
+        inputs: Inputs,
         samples: Sequence[ImageEntry],
         rows: np.ndarray,
         size: int,
         interpolation: str,
         decode: str = "cpu",
     ):
-        self.root = root
+        self.inputs = inputs
         self.samples = samples
         self.rows = rows
         self.size = size
@@ -134,31 +136,32 @@ class PendingImages:
 
     def __getitem__(self, i: int) -> tuple[int, np.ndarray | None, bytes | None, str | None]:
         row = int(self.rows[i])
-        path = self.root / self.samples[row].path
         if self.decode == "gpu":
-            data = _gpu_jpeg(path)
+            data = _gpu_jpeg(self.inputs, row, self.samples[row])
             if data is not None:
                 return row, None, data, None
-        pixels, reason = decode_cpu(path, self.size, self.interpolation)
+        pixels, reason = decode_cpu(self.inputs, row, self.samples[row], self.size, self.interpolation)
         return row, pixels, None, reason
 
 
-def decode_cpu(path: Path, size: int, interpolation: str) -> tuple[np.ndarray | None, str | None]:
-    """(pixels uint8 [S, S, 3], None) or (None, the one-line reason the file cannot be labelled)."""
+def decode_cpu(
+    inputs: Inputs, row: int, sample: ImageEntry, size: int, interpolation: str
+) -> tuple[np.ndarray | None, str | None]:
+    """(pixels uint8 [S, S, 3], None) or (None, the one-line reason the input cannot be labelled)."""
     try:
-        return resize_whole(load_rgb(path), size, interpolation), None
+        return resize_whole(inputs.load(row, sample), size, interpolation), None
     except ImageLoadError as e:
         return None, str(e)
     except Exception as e:  # noqa: BLE001 - a decoder bug on one file must not stop the run
         return None, f"cannot decode image: {type(e).__name__}: {e}"
 
 
-def _gpu_jpeg(path: Path) -> bytes | None:
-    """The file's bytes when nvJPEG can decode it; None sends it (and any read error) to the CPU path."""
+def _gpu_jpeg(inputs: Inputs, row: int, sample: ImageEntry) -> bytes | None:
+    """The input's bytes when nvJPEG can decode them; None sends it (and any read error) to the CPU path."""
     from trt_relabel.gpu_decode import is_gpu_decodable
 
     try:
-        data = path.read_bytes()
+        data = inputs.read(row, sample)
     except OSError:
         return None
     return data if is_gpu_decodable(data) else None
@@ -208,6 +211,17 @@ def find_inputs(data: str | Path, file_list: str | Path | None = None) -> list[I
     if not samples:
         raise UsageError(f"{data}: no image files ({' '.join(IMAGE_EXTENSIONS)})")
     return samples
+
+
+def open_data(
+    data: str | Path, file_list: str | Path | None = None, data_format: str = "auto"
+) -> tuple[list[ImageEntry], Inputs]:
+    """The samples to label and where their bytes are: tar shards (:mod:`trt_relabel.shards`;
+    `data_format` "wds", or "auto" and detected), else the folder `data` (:func:`find_inputs`)."""
+    shards = open_inputs(data, file_list, data_format)
+    if shards is not None:
+        return shards
+    return find_inputs(data, file_list), FolderInputs(data)
 
 
 def default_workers() -> int:
@@ -316,6 +330,7 @@ def generate(
     decode: str = "cpu",
     compile: bool = False,
     progress: bool = True,
+    data_format: str = "auto",
 ) -> GenerateResult:
     """Label the images under `data` (or those of `file_list`) into the store `out`; resume it when
     it exists. `size`: teacher input side (default: the teacher's). `workers`: decoding processes
@@ -324,10 +339,12 @@ def generate(
     files on the CPU; not bit-identical to the CPU path (see :mod:`trt_relabel.gpu_decode`).
     `compile`: `torch.compile` the teacher of the torch backend. `retry_failed`: label again the
     inputs that earlier runs failed on (those of this shard), e.g. after fixing the files.
+    `data_format`: "folder", "wds" (tar shards: `data` is one or a folder of them, `file_list`
+    names them) or "auto" (shards when `data` is a .tar or a folder of only .tar files).
     Raises UsageError for bad arguments, RelabelError (StoreError, ...) for
     expected failures; inputs that cannot be decoded are listed in errors.jsonl, not raised.
     """
-    samples = find_inputs(data, file_list)
+    samples, inputs = open_data(data, file_list, data_format)
     workers = default_workers() if workers is None else workers
     if batch_size < 1 or workers < 0:
         raise UsageError(f"batch size must be >= 1 and workers >= 0 (got {batch_size} and {workers})")
@@ -387,7 +404,7 @@ def generate(
         share = f" (rank 0's share; {group.world} ranks)" if group.world > 1 else ""
         log(f"labelling {len(pending)} of {len(samples)} images{share} with {runtime.name} into {out}")
         try:
-            timing = _label_rows(writer, runtime, Path(data), samples, pending, batch_size, workers, show, decode)
+            timing = _label_rows(writer, runtime, inputs, samples, pending, batch_size, workers, show, decode)
         except KeyboardInterrupt:
             labelled = int((writer.status() == LABELLED).sum())
             raise Interrupted(
@@ -558,7 +575,7 @@ class _LoopTiming(NamedTuple):
 def _label_rows(
     writer: StoreWriter,
     backend: Backend,
-    data: Path,
+    inputs: Inputs,
     samples: list[ImageEntry],
     rows: np.ndarray,
     batch_size: int,
@@ -572,7 +589,7 @@ def _label_rows(
     start = time.perf_counter()
     warmup = None
     meta = backend.metadata
-    dataset = PendingImages(data, samples, rows, meta.input_size, meta.interpolation, decode)
+    dataset = PendingImages(inputs, samples, rows, meta.input_size, meta.interpolation, decode)
     loader = DataLoader(
         dataset, batch_sampler=ramp_batches(len(rows), batch_size), num_workers=workers, collate_fn=collate
     )
@@ -590,7 +607,7 @@ def _label_rows(
                 for row, reason in batch.failures:
                     writer.mark_failed(row, reason)
                 advance(len(batch.failures))
-                labelled, pixels = _on_gpu(batch, data, samples, meta, writer, advance) if batch.jpegs else batch[:2]
+                labelled, pixels = _on_gpu(batch, inputs, samples, meta, writer, advance) if batch.jpegs else batch[:2]
                 if len(labelled):
                     yield labelled, pixels
 
@@ -601,7 +618,7 @@ def _label_rows(
     return _LoopTiming(done, time.perf_counter() - start, warmup or (0, 0.0))
 
 
-def _on_gpu(batch: DecodedBatch, data: Path, samples: list[ImageEntry], meta, writer: StoreWriter, advance):
+def _on_gpu(batch: DecodedBatch, inputs: Inputs, samples: list[ImageEntry], meta, writer: StoreWriter, advance):
     """Decode the batch's JPEGs on the GPU and join them with its CPU-decoded pixels.
 
     Returns (rows int64 [B], pixels uint8 [B, S, S, 3] on the GPU). JPEGs nvJPEG rejects take the CPU
@@ -616,7 +633,7 @@ def _on_gpu(batch: DecodedBatch, data: Path, samples: list[ImageEntry], meta, wr
     cpu_rows, pixels = list(batch.rows), list(batch.pixels)
     for n in sorted(rejected):
         row = batch.jpeg_rows[n]
-        decoded, reason = decode_cpu(data / samples[row].path, meta.input_size, meta.interpolation)
+        decoded, reason = decode_cpu(inputs, row, samples[row], meta.input_size, meta.interpolation)
         if decoded is None:
             writer.mark_failed(row, reason)
             advance(1)

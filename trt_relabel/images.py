@@ -290,17 +290,26 @@ def load_rgb(path: str | Path) -> Image.Image:
     path = Path(path)
     _check_input(path)
     try:
-        with open(path, "rb") as file, _decode(file) as img:
+        with open(path, "rb") as file:
+            return decode_rgb(file)
+    except OSError as e:
+        raise ImageLoadError(_stat_reason(path, e)) from None
+
+
+def decode_rgb(file: BinaryIO) -> Image.Image:
+    """Decode an open binary file (or ``io.BytesIO``) as :func:`load_rgb` decodes a file: 8-bit
+    RGB, or :class:`ImageLoadError` with the one-line reason (an OSError of the file itself,
+    one with an errno, is raised as it is)."""
+    try:
+        with _decode(file) as img:
             return _to_rgb(img)
-    except ImageLoadError:
-        raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageLoadError(f"decompression bomb refused: {e}") from None
     except UnidentifiedImageError:
         raise ImageLoadError(f"not an image of an accepted format ({', '.join(RASTER_FORMATS)})") from None
     except OSError as e:
         if e.errno is not None:
-            raise ImageLoadError(_stat_reason(path, e)) from None
+            raise
         raise ImageLoadError(f"corrupt or truncated image: {e}") from None
     except (ValueError, SyntaxError, MemoryError) as e:
         raise ImageLoadError(f"cannot decode image: {e}") from None

@@ -39,13 +39,14 @@ from trt_relabel.data import (
     EvalBatch,
     EvalBatches,
     EvalTransform,
+    Inputs,
     ShardedBatchSampler,
     TrainBatch,
     TrainBatches,
     TrainTransform,
     aligned_store,
     batch_loader,
-    folder_entries,
+    data_entries,
     real_labels,
     trainable_rows,
 )
@@ -465,9 +466,9 @@ def train(config: TrainConfig, console=None) -> TrainResult:
         return _train(config, process, console if process.is_main else None)
 
 
-def _open_data(config: TrainConfig) -> tuple[SampleTable, LabelStore | None, int]:
-    """(training entries, store or None, number of classes), aligned and checked."""
-    entries = folder_entries(config.data, "--data")
+def _open_data(config: TrainConfig) -> tuple[SampleTable, Inputs, LabelStore | None, int]:
+    """(training entries, their inputs, store or None, number of classes), aligned and checked."""
+    entries, inputs = data_entries(config.data, "--data")
     store = LabelStore(config.labels) if config.labels is not None else None
     if store is not None:
         aligned_store(entries, store, config.data)
@@ -475,11 +476,11 @@ def _open_data(config: TrainConfig) -> tuple[SampleTable, LabelStore | None, int
     num_classes = store.num_classes if store is not None else folder_classes
     if config.label_mode != "relabel" and folder_classes > num_classes:
         raise RelabelError(f"{config.data}: more class folders than the store's {num_classes} classes")
-    return entries, store, num_classes
+    return entries, inputs, store, num_classes
 
 
 def _train(config: TrainConfig, process: Process, console) -> TrainResult:
-    entries, store, num_classes = _open_data(config)
+    entries, inputs, store, num_classes = _open_data(config)
     uses_maps = "relabel" in config.label_mode
     rows, unlabelled, nonfinite = trainable_rows(store if uses_maps else None, len(entries))
     skipped = unlabelled + nonfinite
@@ -518,7 +519,7 @@ def _train(config: TrainConfig, process: Process, console) -> TrainResult:
         raise UsageError(f"batch_size {config.batch_size} exceeds the {len(rows)} training images")
     cuda = process.device.type == "cuda"
     generator = torch.Generator()
-    dataset = TrainBatches(config.data, entries, transform, store if uses_maps else None)
+    dataset = TrainBatches(inputs, entries, transform, store if uses_maps else None)
     loader = batch_loader(dataset, sampler, workers=config.workers, pin_memory=cuda, generator=generator)
     val_loader, real = _val_loader(config, mean, std, batch_size, process, cuda)
 
@@ -614,7 +615,7 @@ def _val_loader(config: TrainConfig, mean, std, batch_size: int, process: Proces
     """(loader over this process's shard of --val, ReaL labels or None), or (None, None)."""
     if config.val is None:
         return None, None
-    entries = folder_entries(config.val, "--val")
+    entries, inputs = data_entries(config.val, "--val")
     real = real_labels(config.real_labels, entries) if config.real_labels is not None else None
     transform = EvalTransform(
         config.image_size, mean, std, crop_pct=config.crop_pct, interpolation=config.interpolation
@@ -627,9 +628,7 @@ def _val_loader(config: TrainConfig, mean, std, batch_size: int, process: Proces
         rank=process.rank,
         world_size=process.world_size,
     )
-    return batch_loader(
-        EvalBatches(config.val, entries, transform), sampler, workers=config.workers, pin_memory=cuda
-    ), real
+    return batch_loader(EvalBatches(inputs, entries, transform), sampler, workers=config.workers, pin_memory=cuda), real
 
 
 def _check_readable(batch: TrainBatch | EvalBatch) -> None:

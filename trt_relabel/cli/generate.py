@@ -24,14 +24,30 @@ from trt_relabel.cli._app import (
 
 @app.command("generate")
 def generate_command(
-    data: Annotated[Path, typer.Argument(help="ImageFolder (class sub-folders) or flat folder of images.")],
+    data: Annotated[
+        Path,
+        typer.Argument(
+            help="ImageFolder (class sub-folders), flat folder of images, or tar shards (a .tar or a folder of them)."
+        ),
+    ],
     out: Annotated[
         Path, typer.Option("--out", "-o", metavar="STORE", help="Label store directory (created or resumed).")
     ],
     file_list: Annotated[
         Path | None,
-        typer.Option("--file-list", help="Label only these images: one path relative to DATA per line."),
+        typer.Option(
+            "--file-list",
+            help="Label only these images (with --format wds: these shards): one path relative to DATA per line.",
+        ),
     ] = None,
+    data_format: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            help="folder | wds (WebDataset tar shards of KEY.jpg [+ KEY.cls]) | auto (wds for a .tar or a "
+            "folder of only .tar files).",
+        ),
+    ] = "auto",
     teacher: TeacherOpt = "efficientnet_lite0",
     checkpoint: CheckpointOpt = None,
     size: SizeOpt = None,
@@ -83,6 +99,7 @@ def generate_command(
         engines_dir=engines_dir,
         decode=decode,
         compile=compile,
+        data_format=data_format,
     )
     if result.rank != 0:
         return  # torchrun: rank 0 reports for the whole store
