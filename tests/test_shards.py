@@ -133,7 +133,8 @@ def test_shard_jobs_and_retry_failed_work_on_tar_shards(
     assert_rows_equal_the_folder_store(store, folder_store, names)
 
 
-def test_bad_shards_are_one_line_usage_errors(tmp_path):
+def test_shard_listing_and_bad_shards(tmp_path):
+    """Bad shards are one-line usage errors; long names and one shard as DATA are read."""
     with tarfile.open(tmp_path / "twice.tar", "w") as tar:
         add_member(tar, "a.jpg", b"1")
         add_member(tar, "a.png", b"2")
@@ -149,8 +150,11 @@ def test_bad_shards_are_one_line_usage_errors(tmp_path):
         list_shards(tmp_path, ["cut.tar"])
     with tarfile.open(tmp_path / "one.tar", "w") as tar:
         add_member(tar, "dir/a.b.JPG", b"1")
-    samples, _ = open_inputs(tmp_path / "one.tar")  # one shard as DATA; the key ends at the first dot
-    assert [(s.path, s.class_index) for s in samples] == [("one.tar/dir/a", -1)]
+        add_member(tar, f"{'d' * 120}/b.jpg", b"2")  # a long name: a pax header, listed by tarfile
+        add_member(tar, f"{'d' * 120}/b.cls", b"7")
+    samples, inputs = open_inputs(tmp_path / "one.tar")  # one shard as DATA; the key ends at the first dot
+    assert [(s.path, s.class_index) for s in samples] == [(f"one.tar/{'d' * 120}/b", 7), ("one.tar/dir/a", -1)]
+    assert [inputs.read(row, sample) for row, sample in enumerate(samples)] == [b"2", b"1"]
     (tmp_path / "folder").mkdir()
     assert open_inputs(tmp_path) is None  # a sub-folder: not a folder of shards
     with pytest.raises(UsageError, match=r"names no tar shard"):
