@@ -4,7 +4,8 @@ Pipeline: DataLoader worker processes decode (:func:`trt_relabel.images.load_rgb
 whole image to S x S (:func:`trt_relabel.images.resize_whole`, the teacher's interpolation) while
 the main process runs the teacher on the previous batch; each batch's top-k maps go straight into
 the store's memmaps. An input that cannot be decoded becomes one line of errors.jsonl, never a
-crash. Rows are the inputs in sorted relative-path order.
+crash. Rows are the inputs in sorted relative-path order; the images of tar shards
+(:mod:`trt_relabel.shards`) are read from their members, rows ordered by (shard, key).
 
 Resume: the store's status array says which rows are done, so rerunning the same command after a
 crash (even kill -9) labels only the missing rows. ONNX Runtime's CPU results of an image do not
@@ -13,7 +14,8 @@ depend on the batch it is in, so a resumed store equals an uninterrupted one bit
 Several processes: under `torchrun --nproc-per-node N` rank r labels the rows with row % N == r of
 one store (rank 0 creates and finishes it); `shard=(i, n)` does the same split without a process
 group, and the shard that ends last marks the store complete. Each process holds the lock of its
-rows (:mod:`trt_relabel.locks`): a second writer of the same rows is refused (exit code 2).
+rows (:mod:`trt_relabel.locks`): a second writer of the same rows is refused (exit code 2). Ranks
+and shards split rows, not tar files, so every split writes the same store.
 """
 
 from __future__ import annotations
