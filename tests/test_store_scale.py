@@ -79,6 +79,7 @@ import sys
 from pathlib import Path
 import numpy as np, torch
 import trt_relabel.data as data
+import trt_relabel.shards as shards
 from trt_relabel.images import ImageEntry
 
 def private_dirty_mb(pid):
@@ -88,7 +89,7 @@ def private_dirty_mb(pid):
 
 rows = 200_000
 entries = [ImageEntry(f"class{i % 1000:04d}/image{i:08d}.JPEG", i % 1000) for i in range(rows)]
-data.load_rgb = lambda path: path  # decoding stubbed: the worker only touches the entries
+shards.load_rgb = lambda path: path  # decoding stubbed: the worker only touches the entries
 
 class StubTransform:
     size = [4, 4]
@@ -97,7 +98,7 @@ class StubTransform:
         return torch.zeros(3, 4, 4), np.zeros(4, np.float32), False
 
 
-dataset = data.TrainBatches(Path("."), entries, StubTransform(), None)
+dataset = data.TrainBatches(shards.FolderInputs(Path(".")), entries, StubTransform(), None)
 del entries
 sampler = data.ShardedBatchSampler(np.arange(rows), 2000, shuffle=True, drop_last=True)
 batches = iter(data.batch_loader(dataset, sampler, workers=1))
