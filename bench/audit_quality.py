@@ -9,7 +9,7 @@ builds, under --work (default /tmp/audit_quality):
   so the store's folder labels are the teacher's class indices whatever the folder layout.
 - ``mosaics/``: a flat folder of 2x2 mosaics, each of four photos of four different classes.
 
-Both are labelled with the bundled teacher (CPU, ONNX Runtime; the stores resume if they exist)
+Both are labelled with the bundled teacher (CPU, ONNX Runtime; a complete store of an earlier run is kept)
 and audited. Prints the recall of the planted errors in the first 10 and 20 rows of audit.csv,
 the ranks of the natural disagreements (teacher top-1 != folder class), the recall of the four
 classes of each mosaic in its present set, and the multi-object flag rate of mosaics vs single
@@ -81,8 +81,12 @@ def build_mosaics(photos: list[Path], root: Path, seed: int) -> dict[str, list[i
 
 
 def label(data: Path, store: Path, engines: Path, file_list: Path | None = None) -> None:
+    """Label `data` into `store` with the bundled teacher, unless an earlier run completed it."""
     from trt_relabel.generate import generate
+    from trt_relabel.store import LabelStore
 
+    if store.exists() and LabelStore(store).complete:
+        return
     generate(data, store, file_list=file_list, backend="onnxruntime", engines_dir=engines, batch_size=16)
 
 
