@@ -68,12 +68,33 @@ def label_pooling(
         softmax, if ``output_size`` is the int 1; otherwise Tensor[B, C, sh, sw] (in
         ``torch.channels_last`` memory format).
     """
-    classes, scores = pooled_entries(values, indices, boxes, num_classes, output_size, box_order, flipped)
-    batch, bins, _ = classes.shape
-    pooled = scores.new_zeros(batch, bins, num_classes).scatter_add_(2, classes, scores)
+    out_h, out_w = _check_output_size(output_size)
+    if out_h * out_w == 1:
+        _check_inputs(values, indices, boxes, num_classes, box_order, flipped)  # (a flip changes no one bin)
+        pooled = _pool_one_bin(values, indices, boxes, num_classes, box_order)
+    else:
+        classes, scores = pooled_entries(values, indices, boxes, num_classes, output_size, box_order, flipped)
+        pooled = scores.new_zeros(*classes.shape[:2], num_classes).scatter_add_(2, classes, scores)
     if output_size == 1:
-        return pooled.view(batch, num_classes)
-    return pooled.permute(0, 2, 1).unflatten(2, _check_output_size(output_size))
+        return pooled.view(len(pooled), num_classes)
+    return pooled.permute(0, 2, 1).unflatten(2, (out_h, out_w))
+
+
+def _pool_one_bin(values: Tensor, indices: Tensor, boxes: Tensor, num_classes: int, box_order: str) -> Tensor:
+    """label_pooling with one output bin -> [B, 1, C]: every cell's weight in the bin [B, 1, h * w],
+    then one scatter per rank. (The training targets' path: with one bin, a band of cells saves
+    little, and its gathers cost ~5x the whole call; per-rank scatters keep the temporaries
+    small.)"""
+    dtype = torch.float64 if values.dtype == torch.float64 else torch.float32
+    batch, ranks, height, width = values.shape
+    weight_y, weight_x = _bin_axis_weights(boxes.detach().to(values.device, dtype), height, width, 1, 1, box_order)
+    cell_weights = (weight_y[:, :, :, None] * weight_x[:, :, None, :]).view(batch, 1, height * width)
+    pooled = values.new_zeros(batch, 1, num_classes, dtype=dtype)
+    rank_values = values.to(dtype).reshape(batch, ranks, 1, -1).unbind(1)
+    rank_indices = indices.to(torch.int64).reshape(batch, ranks, 1, -1).unbind(1)
+    for scores, classes in zip(rank_values, rank_indices, strict=True):
+        pooled.scatter_add_(2, classes, scores * cell_weights)
+    return pooled
 
 
 def pooled_entries(
@@ -179,24 +200,31 @@ def _bin_cells(
     output bin, the map cells (y * w + x) of a band of Ly rows by Lx columns around the cells that
     weigh in it, and their weights (a row's times a column's; RoI frame per ``box_order``).
     Flipped boxes take their column bins in reverse order."""
-    if box_order == "xyxy":
-        cell_boxes = boxes * boxes.new_tensor([width, height, width, height]) - 0.5
-    else:
-        cell_boxes = boxes.reshape(-1, 2, 2).flip(2).view(-1, 4) * width - 0.5
-    batch = len(cell_boxes)
-    start, end = cell_boxes.view(batch, 2, 2).unbind(1)  # [B, 2] each: x, then y
-    if (height, out_h) == (width, out_w):  # both axes at once
-        weight_x, weight_y = _axis_weights(start, end, width, out_w).unbind(1)
-    else:
-        weight_x = _axis_weights(start[:, 0], end[:, 0], width, out_w)  # [B, sw, w]
-        weight_y = _axis_weights(start[:, 1], end[:, 1], height, out_h)  # [B, sh, h]
+    weight_y, weight_x = _bin_axis_weights(boxes, height, width, out_h, out_w, box_order)
     if flipped is not None:
         weight_x = torch.where(flipped[:, None, None], weight_x.flip(1), weight_x)
     rows, row_weights = _band(weight_y)  # [B, sh, Ly]
     columns, column_weights = _band(weight_x)  # [B, sw, Lx]
     cells = rows[:, :, None, :, None] * width + columns[:, None, :, None, :]  # [B, sh, sw, Ly, Lx]
     weights = row_weights[:, :, None, :, None] * column_weights[:, None, :, None, :]
+    batch = len(boxes)
     return cells.view(batch, out_h * out_w, -1), weights.view(batch, out_h * out_w, -1)
+
+
+def _bin_axis_weights(
+    boxes: Tensor, height: int, width: int, out_h: int, out_w: int, box_order: str
+) -> tuple[Tensor, Tensor]:
+    """[B, 4] normalised boxes -> (weight_y [B, sh, h], weight_x [B, sw, w]): each map row's and
+    column's weight in each bin row and column (RoI frame per ``box_order``)."""
+    if box_order == "xyxy":
+        cell_boxes = boxes * boxes.new_tensor([width, height, width, height]) - 0.5
+    else:
+        cell_boxes = boxes.reshape(-1, 2, 2).flip(2).view(-1, 4) * width - 0.5
+    start, end = cell_boxes.view(len(cell_boxes), 2, 2).unbind(1)  # [B, 2] each: x, then y
+    if (height, out_h) == (width, out_w):  # both axes at once
+        weight_x, weight_y = _axis_weights(start, end, width, out_w).unbind(1)
+        return weight_y, weight_x
+    return _axis_weights(start[:, 1], end[:, 1], height, out_h), _axis_weights(start[:, 0], end[:, 0], width, out_w)
 
 
 def _band(weights: Tensor) -> tuple[Tensor, Tensor]:
