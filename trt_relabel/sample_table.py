@@ -92,6 +92,36 @@ def _line_ends_and_tabs(buf: np.ndarray, chunk: int = 1 << 22) -> tuple[np.ndarr
     return positions[kinds == 10], positions[kinds == 9]
 
 
+def _stored_paths(paths: list[str], escaped: bool) -> list[str]:
+    """`paths` as samples.tsv holds them: escaped (format 1.1), or raw (format 1, which cannot
+    hold a LF: :class:`SamplesError`)."""
+    if escaped:
+        return [escape_path(path) for path in paths] if _TO_ESCAPE.search("".join(paths)) else paths
+    odd = next((path for path in paths if "\n" in path), None)
+    if odd is not None:
+        raise SamplesError(f"a format 1 store cannot hold the file name {odd!r} (it holds a LF)")
+    return paths
+
+
+def _encode(text: str, escaped: bool) -> bytes:
+    """samples.tsv text -> bytes (format 1 keeps undecodable bytes as they were)."""
+    try:
+        return text.encode("utf-8", "strict" if escaped else "surrogateescape")
+    except UnicodeEncodeError as e:
+        raise SamplesError(f"cannot store a file name with {text[e.start : e.end]!r} (not a file name)") from None
+
+
+def _columns(entries: Sequence[ImageEntry], escaped: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(the stored paths of `entries` concatenated, uint8; their byte lengths, int64 [N]; their
+    class indices, int64 [N]): what :meth:`SampleTable.first_difference` compares."""
+    paths = _stored_paths([entry.path for entry in entries], escaped)
+    classes = np.fromiter((entry.class_index for entry in entries), np.int64, len(paths))
+    buf = np.frombuffer(_encode("\n".join(paths), escaped), dtype=np.uint8)  # stored paths hold no LF
+    separators = np.flatnonzero(buf == 10)
+    lengths = np.diff(np.concatenate(([-1], separators, [len(buf)]))) - 1 if paths else np.zeros(0, np.int64)
+    return buf[buf != 10], lengths, classes
+
+
 class SampleTable(Sequence[ImageEntry]):
     """Row i's sample (relative path, class index), decoded from the samples.tsv bytes on access.
 
@@ -179,19 +209,9 @@ class SampleTable(Sequence[ImageEntry]):
         (`escaped=False`) cannot hold a path with a LF: :class:`SamplesError`."""
         if isinstance(entries, SampleTable) and entries.escaped == escaped:
             return entries
-        paths = [entry.path for entry in entries]
-        if escaped and _TO_ESCAPE.search("".join(paths)):
-            paths = [escape_path(path) for path in paths]
-        elif not escaped:
-            odd = next((path for path in paths if "\n" in path), None)
-            if odd is not None:
-                raise SamplesError(f"a format 1 store cannot hold the file name {odd!r} (it holds a LF)")
+        paths = _stored_paths([entry.path for entry in entries], escaped)
         lines = "".join(f"{path}\t{entry.class_index}\n" for path, entry in zip(paths, entries, strict=True))
-        try:
-            data = lines.encode("utf-8", "strict" if escaped else "surrogateescape")
-        except UnicodeEncodeError as e:
-            raise SamplesError(f"cannot store a file name with {lines[e.start : e.end]!r} (not a file name)") from None
-        return cls.parse(data, escaped=escaped)
+        return cls.parse(_encode(lines, escaped), escaped=escaped)
 
     @classmethod
     def read(cls, path: Path, *, escaped: bool) -> SampleTable:
@@ -234,16 +254,12 @@ class SampleTable(Sequence[ImageEntry]):
             yield self[row]
 
     def __eq__(self, other: object) -> bool:
-        if self is other:
-            return True
-        if isinstance(other, SampleTable) and other.escaped == self.escaped:
-            return self.first_difference(other) is None
         if not isinstance(other, Sequence) or len(other) != len(self):
             return False
         try:
-            return self == SampleTable.from_entries(other, escaped=self.escaped)
-        except (SamplesError, AttributeError):
-            return all(a == b for a, b in zip(self, other, strict=True))
+            return self.first_difference(other) is None
+        except (SamplesError, AttributeError):  # not entries, or names a format 1 table cannot hold
+            return False
 
     __hash__ = None  # type: ignore[assignment]
 
@@ -255,15 +271,21 @@ class SampleTable(Sequence[ImageEntry]):
         shorter length when one is a prefix of the other); None when they agree. Vectorised."""
         if other is self:
             return None
-        other = SampleTable.from_entries(other, escaped=self.escaped)
+        table = other if isinstance(other, SampleTable) and other.escaped == self.escaped else None
+        if table is not None:
+            their_lengths, their_classes = table._stops - table._starts, table.classes
+        else:
+            their_bytes, their_lengths, their_classes = _columns(other, self.escaped)
         n = min(len(self), len(other))
-        lengths, other_lengths = self._stops - self._starts, other._stops - other._starts
-        differs = lengths[:n] != other_lengths[:n]
+        lengths = self._stops - self._starts
+        differs = lengths[:n] != their_lengths[:n]
         if classes:
-            differs |= self.classes[:n] != other.classes[:n]
+            differs |= self.classes[:n] != their_classes[:n]
         first = int(np.argmax(differs)) if differs.any() else n
         # Rows before `first` have equal lengths: compare their concatenated path bytes.
-        mine, theirs = self._path_bytes(first), other._path_bytes(first)
+        size = int(lengths[:first].sum())
+        mine = self._path_bytes(first)
+        theirs = table._path_bytes(first) if table is not None else their_bytes[:size]
         unequal = np.flatnonzero(mine != theirs)
         if unequal.size:
             first = int(np.searchsorted(np.cumsum(lengths[:first]), unequal[0], side="right"))
@@ -272,9 +294,7 @@ class SampleTable(Sequence[ImageEntry]):
     def _path_bytes(self, rows: int) -> np.ndarray:
         """uint8: the (escaped) paths of the first `rows` rows, concatenated."""
         buf = np.frombuffer(self._data, dtype=np.uint8)
-        if rows == 0:
-            return buf[:0]
-        inside = np.zeros(len(buf) + 1, dtype=np.int8)  # +1 at each path's start, -1 at its end
-        inside[self._starts[:rows]] += 1
-        inside[self._stops[:rows]] -= 1
-        return buf[np.cumsum(inside[:-1], dtype=np.int8).astype(bool)]
+        next_starts = np.append(self._starts[1 : rows + 1], len(buf))[:rows]  # row i spans [start, next start)
+        spans = np.stack((self._stops[:rows] - self._starts[:rows], next_starts - self._stops[:rows]), axis=1)
+        is_path = np.repeat(np.tile([True, False], rows), spans.reshape(-1))  # path, then TAB class LF
+        return buf[: len(is_path)][is_path]
