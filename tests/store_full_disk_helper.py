@@ -38,25 +38,29 @@ def main(root: Path) -> None:
         print(f"create: {e}")
     assert list(root.iterdir()) == [], list(root.iterdir())
 
-    # A store that fits; then the disk fills up.
+    # A store that fits, one failed input; then the disk fills up.
     writer = create_store(root / "small", SPEC, samples(10))
+    writer.mark_failed(9, "empty file (0 bytes)")
     fill(root / "filler")
     writer.write(np.arange(4), *random_labels(4, seed=0))  # its rows were reserved: still fine
-    try:
-        writer.mark_failed(4, "empty file (0 bytes)")
+    try:  # a line longer than what is left of errors.jsonl's page: written in part, then ENOSPC
+        writer.mark_failed(4, "corrupt or truncated image: " + "x" * 5000)
         raise SystemExit("recorded a failure on a full disk")
     except StoreError as e:
         print(f"full: {e}")
+    assert writer.status()[4] == 0, "a row marked failed without its whole line"
+    assert not (root / "small" / "errors.jsonl").read_bytes().endswith(b"\n"), "expected a torn line"
 
-    # Space again: reopening resumes with what was written before.
+    # Space again: reopening resumes with what was written before; the torn line goes at finish.
     (root / "filler").unlink()
     resumed = create_store(root / "small", SPEC, samples(10))
-    assert resumed.pending_rows().tolist() == list(range(4, 10))
+    assert resumed.pending_rows().tolist() == list(range(4, 9))
     resumed.mark_failed(4, "empty file (0 bytes)")
-    resumed.write(np.arange(5, 10), *random_labels(5, seed=1))
+    resumed.write(np.arange(5, 9), *random_labels(4, seed=1))
     assert resumed.finish()
     store = LabelStore(root / "small")
-    assert store.labelled().sum() == 9 and len(store.errors()) == 1
+    assert store.labelled().sum() == 8 and [e["path"] for e in store.errors()] == ["img0004.jpg", "img0009.jpg"]
+    assert (root / "small" / "errors.jsonl").read_text().count("\n") == 2
     print("resumed: complete")
 
 
