@@ -398,6 +398,7 @@ def generate(
             )
         )
         _check_same_teacher(writer, runtime)
+        samples = writer.samples  # the store's SampleTable: decoding workers share its pages
         group.on_every_rank(lambda: rows_lock.enter_context(claim_rows(out, split, len(samples))))
         if retry_failed:  # rank 0 reopens the failed rows of every rank before any rank lists its own
             reopen = split if group.world == 1 else (0, 1)

@@ -552,7 +552,7 @@ class StoreWriter:
         self.path = store.path
         self.spec = store.spec
         self.num_samples = len(store)
-        self._samples = store.samples
+        self.samples = store.samples  # a SampleTable: row i's ImageEntry
         shape = (self.num_samples, *self.spec.row_shape)
         self._values = _load_array(self.path / VALUES, "r+", np.float16, shape)
         self._indices = _load_array(self.path / INDICES, "r+", np.int16, shape)
@@ -615,7 +615,7 @@ class StoreWriter:
         """Mark `row` failed: one line {"path", "reason"} (the row's sample path) appended to
         errors.jsonl, then status 2. The status is set only once the whole line is written: when
         the line cannot be (a full disk), :class:`StoreError` and the row stays pending."""
-        line = json.dumps({"path": self._samples[row].path, "reason": reason}) + "\n"
+        line = json.dumps({"path": self.samples[row].path, "reason": reason}) + "\n"
         errors = self.path / ERRORS
         try:
             _append_line(errors, line.encode())
@@ -650,6 +650,6 @@ class StoreWriter:
         reasons = {entry["path"]: entry["reason"] for entry in _read_errors(self.path)}
         lines = []
         for row in failed_rows:
-            path = self._samples[row].path
+            path = self.samples[row].path
             lines.append(json.dumps({"path": path, "reason": reasons.get(path, "reason not recorded")}) + "\n")
         write_atomic(self.path / ERRORS, "".join(lines))
