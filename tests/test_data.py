@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from trt_relabel.classes import ClassList, classes_metadata, default_classes, map_folder_classes
 from trt_relabel.data import (
     ShardedBatchSampler,
     TrainBatches,
@@ -43,14 +44,25 @@ def label_maps(class_index: int) -> tuple[np.ndarray, np.ndarray]:
     return values, indices
 
 
-def build_store(folder: Path, path: Path, failed: tuple[int, ...] = ()) -> Path:
-    """A complete store of `folder` (rows in list_images order) with the maps of label_maps;
-    the rows in `failed` are marked failed."""
-    samples = list_images(folder)
+#: The test teacher's classes: the sample folders are its classes 0, 1, 2.
+TEACHER_CLASSES = ClassList(
+    ("cat", "coffee", "uniform", *(f"c{i}" for i in range(3, NUM_CLASSES))),
+    ("cat", "coffee", "uniform", *(f"class {i}" for i in range(3, NUM_CLASSES))),
+)
+
+
+def build_store(
+    folder: Path, path: Path, failed: tuple[int, ...] = (), classes: ClassList | None = TEACHER_CLASSES
+) -> Path:
+    """A complete store of `folder` (rows in list_images order) by a 10-class teacher with the maps
+    of label_maps (of the folder position); the rows in `failed` are marked failed. `classes`: the
+    teacher's classes in the manifest (None: the default ids '0'..'9')."""
+    samples, _ = map_folder_classes(list_images(folder), classes or default_classes(NUM_CLASSES))
     spec = StoreSpec("test-teacher", "0" * 64, "1" * 64, 64, (MAP_SIZE, MAP_SIZE), TOPK, NUM_CLASSES)
-    writer = create_store(path, spec, samples)
+    writer = create_store(path, spec, samples, extra_manifest=classes_metadata(classes))
     rows = [i for i in range(len(samples)) if i not in failed]
-    maps = [label_maps(samples[i].class_index) for i in rows]
+    positions = list_images(folder)
+    maps = [label_maps(positions[i].class_index) for i in rows]
     writer.write(np.array(rows), np.stack([m[0] for m in maps]), np.stack([m[1] for m in maps]))
     for row in failed:
         writer.mark_failed(row, "not an image Pillow can identify")

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from torchvision.ops import roi_align
 
-from trt_relabel.classes import class_names
+from trt_relabel.classes import imagenet_classes
 from trt_relabel.errors import RelabelError, UsageError
 from trt_relabel.images import ImageEntry, list_images
 from trt_relabel.store import LabelStore, StoreSpec, create_store
@@ -191,7 +191,7 @@ def test_show_cli(labelled, tmp_path):
     store = LabelStore(path)
     row = [s.path for s in store.samples].index("uniform/grace_hopper_small.JPEG")
     top1 = softmax(dense_maps(store)[row].mean(axis=(1, 2))).argmax()
-    assert f"{top1} " in result.stderr and class_names()[top1] in result.stderr
+    assert f"{top1} " in result.stderr and imagenet_classes().names[top1] in result.stderr
 
     no_data = run_cli("show", "uniform/grace_hopper.jpg", "--labels", path, "--out", tmp_path / "x.png")
     assert no_data.returncode == 2 and "needs --data" in no_data.stderr
@@ -255,9 +255,11 @@ def test_legend_colours_bars_and_title():
 
     fig = Figure()
     bars, key = fig.subplots(1, 2)
-    _draw_bars(bars, [(1, 0.3), (2, 0.05), (3, 0.01), (4, 0.003), (5, 0.001)], class_names(), "whole image")
+    _draw_bars(
+        bars, [(1, 0.3), (2, 0.05), (3, 0.01), (4, 0.003), (5, 0.001)], list(imagenet_classes().names), "whole image"
+    )
     assert 0.3 < bars.get_xlim()[1] <= 0.45
-    _draw_legend(key, legend, class_names(), "my-teacher")
+    _draw_legend(key, legend, list(imagenet_classes().names), "my-teacher")
     title = key.get_legend().get_title().get_text()
     assert title == "my-teacher: top-1 class of each cell (number of cells)"
     patches = key.get_legend().get_patches()

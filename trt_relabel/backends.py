@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from trt_relabel.classes import ClassList
 from trt_relabel.errors import RelabelError, UsageError
 from trt_relabel.export import (
     INPUT_NAME,
@@ -275,6 +276,7 @@ def open_backend(
     pretrained: bool = True,
     compile: bool = False,
     log: Callable[[str], None] = print,
+    classes: ClassList | None = None,
 ) -> Backend:
     """Open a backend for a teacher, building its ONNX graphs (and engine) when missing.
 
@@ -283,17 +285,19 @@ def open_backend(
     when present); TensorRT builds and runs on that GPU, ONNX Runtime's GPU providers take its index
     ("cpu": ONNX Runtime on the CPU). max_batch: the largest batch of the TensorRT profiles (ours and
     ONNX Runtime's TensorRT provider's). compile (torch backend): `torch.compile` the teacher.
+    classes: the teacher's own classes (a teacher fine-tuned on them; see
+    :func:`trt_relabel.export.prepare_teacher`).
     """
     resolved = choose_backend(kind)
     if resolved == "torch":
-        return _torch_backend(teacher, checkpoint, size, topk, device, precision, pretrained, compile)
+        return _torch_backend(teacher, checkpoint, size, topk, device, precision, pretrained, compile, classes)
     missing = tensorrt_missing() if resolved == "tensorrt" else None
     if missing:
         raise BackendError(f"the tensorrt backend needs TensorRT and a CUDA GPU; {missing} is missing here")
     gpu = parse_device(device)
     if resolved == "tensorrt" and gpu is None:
         raise BackendError("the tensorrt backend runs on a CUDA GPU, not on device cpu")
-    graphs = build_graphs(teacher, checkpoint, size, topk, engines_dir, pretrained=pretrained, log=log)
+    graphs = build_graphs(teacher, checkpoint, size, topk, engines_dir, pretrained=pretrained, log=log, classes=classes)
     if resolved == "tensorrt":
         from trt_relabel.tensorrt_engine import TensorRTBackend, build_engine
 
@@ -358,12 +362,13 @@ def _torch_backend(
     precision: str | None,
     pretrained: bool,
     compile: bool,
+    classes: ClassList | None,
 ) -> TorchBackend:
     target = torch.device(device or ("cuda" if cuda_available() else "cpu"))
     if target.type == "cuda" and not cuda_available():
         raise BackendError(f"device {device}: no CUDA GPU is available")
     precision = precision or ("fp16" if target.type == "cuda" else "fp32")
-    prepared = prepare_teacher(teacher, checkpoint, size, topk, pretrained)
+    prepared = prepare_teacher(teacher, checkpoint, size, topk, pretrained, classes)
     graph = relabel_graph(prepared, precision, channels_last=True)  # the faster layout on CPUs and GPUs
     metadata = dataclasses.replace(prepared.metadata, precision=precision)
     return TorchBackend(graph, metadata, target, compile=compile)

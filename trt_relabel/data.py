@@ -20,6 +20,7 @@ from __future__ import annotations
 import gc
 import json
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -30,6 +31,13 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms
 from torchvision.transforms import functional as TF
 
+from trt_relabel.classes import (
+    StudentClasses,
+    classes_from_metadata,
+    folder_of,
+    read_class_map,
+    student_classes,
+)
 from trt_relabel.errors import RelabelError
 from trt_relabel.images import ImageEntry, ImageLoadError, list_images
 from trt_relabel.sample_table import SampleTable
@@ -388,3 +396,85 @@ def real_labels(path: str | Path, entries: Sequence[ImageEntry]) -> list[list[in
     for rank, i in enumerate(by_name):
         ordered[i] = [int(c) for c in labels[rank]]
     return ordered
+
+
+class TrainData(NamedTuple):
+    """What a training run reads. `entries` (and `val_entries`, or None) are the images with the
+    student output of their class as class index (-1: none; training images of folders that are
+    no teacher class only), `inputs` / `val_inputs` where their bytes are. `store`: the label
+    store, or None. `classes`: the student's outputs. `num_classes`: C of the target scores (the
+    teacher's with relabel targets, else the number of outputs). `unmapped`: training class folders
+    that are no teacher class."""
+
+    entries: SampleTable
+    inputs: Inputs
+    val_entries: SampleTable | None
+    val_inputs: Inputs | None
+    store: LabelStore | None
+    classes: StudentClasses
+    num_classes: int
+    unmapped: list[str]
+
+
+def _folders(entries: Sequence[ImageEntry]) -> list[str]:
+    return sorted({folder_of(e) for e in entries} - {None})
+
+
+def open_train_data(
+    data: Path, labels: Path | None, val: Path | None, class_map: Path | None, label_mode: str
+) -> TrainData:
+    """List, align and label the training (and validation) images of a run.
+
+    ImageFolders: label modes with relabel targets map each class folder to the store's teacher
+    classes (:func:`trt_relabel.classes.student_classes`): N folders that are N teacher classes
+    train an N-way student; folders that are no teacher class (and no `class_map` entry) make the
+    student learn all the teacher's classes ("relabel"), or raise RelabelError
+    ("relabel+original"). Other label modes train one output per folder. Validation folders take
+    the output of their class; one without raises RelabelError. Tar shards give their classes
+    (teacher indices): the student has the teacher's classes (or max class + 1 without a store)."""
+    entries, inputs = data_entries(data, "--data")
+    val_entries, val_inputs = data_entries(val, "--val") if val is not None else (None, None)
+    store = LabelStore(labels) if labels is not None else None
+    if store is not None:
+        aligned_store(entries, store, data)
+    if not isinstance(inputs, FolderInputs):
+        outputs = store.num_classes if store is not None else int(entries.classes.max()) + 1
+        plan = StudentClasses(tuple(str(i) for i in range(outputs)), None, {})
+        return TrainData(entries, inputs, val_entries, val_inputs, store, plan, outputs, [])
+    teacher = None
+    if "relabel" in label_mode and store is not None:
+        teacher = classes_from_metadata(store.manifest, store.num_classes)
+    val_folders = _folders(val_entries) if val_entries is not None else []
+    try:
+        plan = student_classes(
+            _folders(entries),
+            val_folders,
+            classes=teacher,
+            class_map=read_class_map(class_map, teacher) if class_map is not None and teacher is not None else None,
+            teacher=store.spec.teacher if store is not None else "",
+            folder_labels=label_mode != "relabel",
+        )
+    except RelabelError as e:
+        raise RelabelError(f"{data}: --label-mode {label_mode}: {e}") from None
+    unmapped = [f for f in _folders(entries) if plan.labels[f] < 0]
+    missing = next((f for f in val_folders if plan.labels[f] < 0), None)
+    if missing is not None:
+        raise RelabelError(
+            f"{val}: --val class folder {missing!r} is no class of the student (its {len(plan.names)} outputs are "
+            f"{'the teacher classes' if teacher is not None else 'the class folders'} of --data)"
+        )
+    num_classes = store.num_classes if teacher is not None else len(plan.names)
+    val_entries = _with_outputs(val_entries, plan) if val_entries is not None else None
+    return TrainData(_with_outputs(entries, plan), inputs, val_entries, val_inputs, store, plan, num_classes, unmapped)
+
+
+def _with_outputs(entries: Sequence[ImageEntry], plan: StudentClasses) -> SampleTable:
+    """`entries` with the student output of their class folder as class index."""
+    return SampleTable.from_entries([replace(e, class_index=plan.labels[folder_of(e)]) for e in entries])
+
+
+def student_real_labels(real: list[list[int]], classes: StudentClasses) -> list[list[int]]:
+    """ImageNet-ReaL labels (teacher class indices) as student outputs; classes without an output
+    are dropped."""
+    outputs = [[classes.output_of_teacher_class(c) for c in labels] for labels in real]
+    return [[o for o in labels if o >= 0] for labels in outputs]

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from trt_relabel import __version__
+from trt_relabel.classes import ClassList, classes_metadata
 from trt_relabel.errors import RelabelError, UsageError
 from trt_relabel.teacher import (
     FullyConvolutional,
@@ -63,9 +64,11 @@ class ExportError(RelabelError):
 class GraphMetadata:
     """What a relabel graph computes and how to feed it (stored inside every graph file).
 
-    `teacher_hash` is a content hash of the teacher's weights and the options (size, k), shared by
-    the fp32 and FP16 graphs and every backend built from them. `export_format`: the
+    `teacher_hash` is a content hash of the teacher's weights and the options (size, k, classes),
+    shared by the fp32 and FP16 graphs and every backend built from them. `export_format`: the
     :data:`EXPORT_FORMAT` of the code that wrote the graph (1 for graphs without the field).
+    `class_ids` and `class_names` list a teacher's own classes (``--class-names``); empty for the
+    default classes (ImageNet-1k for 1000, see :func:`trt_relabel.classes.default_classes`).
     """
 
     teacher: str
@@ -82,6 +85,8 @@ class GraphMetadata:
     tool_version: str = __version__
     input_layout: str = "NHWC uint8 RGB"
     export_format: int = EXPORT_FORMAT
+    class_ids: tuple[str, ...] = ()
+    class_names: tuple[str, ...] = ()
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -92,7 +97,9 @@ class GraphMetadata:
 
     @classmethod
     def from_dict(cls, data: dict) -> GraphMetadata:
-        return cls(**{"export_format": 1, **data, **{key: tuple(data[key]) for key in ("mean", "std", "map_size")}})
+        listed = ("mean", "std", "map_size", "class_ids", "class_names")
+        tuples = {key: tuple(data[key]) for key in listed if key in data}
+        return cls(**{"export_format": 1, **data, **tuples})
 
 
 @dataclass
@@ -145,13 +152,18 @@ def prepare_teacher(
     size: int | None = None,
     topk: int = 5,
     pretrained: bool = True,
+    classes: ClassList | None = None,
 ) -> PreparedTeacher:
-    """Create, load and convert a teacher; compute its metadata and content hash."""
+    """Create, load and convert a teacher; compute its metadata and content hash. `classes`: the
+    teacher's own classes (a teacher fine-tuned on them: its classifier has len(classes) outputs)."""
     config = get_teacher_config(teacher, size)
+    if classes is not None:
+        config = dataclasses.replace(config, num_classes=len(classes))
     if not 1 <= topk <= config.num_classes:
         raise UsageError(f"--topk {topk}: must lie in [1, {config.num_classes}] (the teacher's classes)")
     fcn = to_fully_convolutional(create_teacher(config, checkpoint, pretrained), config.input_size)
-    options = {"config": dataclasses.asdict(config), "topk": topk, "weights": weights_hash(fcn)}
+    class_metadata = {key: tuple(value) for key, value in classes_metadata(classes).items()}
+    options = {"config": dataclasses.asdict(config), "topk": topk, "weights": weights_hash(fcn), **class_metadata}
     content_hash = hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest()
     metadata = GraphMetadata(
         teacher=config.name,
@@ -165,6 +177,7 @@ def prepare_teacher(
         map_size=fcn.map_size,
         precision="fp32",
         teacher_hash=content_hash[:16],
+        **class_metadata,
     )
     return PreparedTeacher(config, fcn, metadata)
 
@@ -348,9 +361,10 @@ def build_graphs(
     pretrained: bool = True,
     verify: bool = True,
     log: Callable[[str], None] = print,
+    classes: ClassList | None = None,
 ) -> BuiltGraphs:
     """Export the fp32 and FP16 relabel graphs of a teacher into `out_dir` (see :func:`export_graphs`)."""
-    prepared = prepare_teacher(teacher, checkpoint, size, topk, pretrained)
+    prepared = prepare_teacher(teacher, checkpoint, size, topk, pretrained, classes)
     return export_graphs(prepared, out_dir, verify, log)
 
 

@@ -35,6 +35,15 @@ import torch
 from rich.text import Text
 from torch.utils.data import DataLoader, default_collate
 
+from trt_relabel.classes import (
+    ClassList,
+    classes_metadata,
+    default_classes,
+    map_folder_classes,
+    read_class_map,
+    read_class_names,
+    unmapped_advice,
+)
 from trt_relabel.errors import Interrupted, RelabelError, UsageError
 from trt_relabel.images import (
     IMAGE_EXTENSIONS,
@@ -60,7 +69,7 @@ from trt_relabel.store import (
     check_resumable,
     create_store,
 )
-from trt_relabel.terminal import console
+from trt_relabel.terminal import console, warning
 
 if TYPE_CHECKING:
     from trt_relabel.backends import Backend
@@ -333,6 +342,8 @@ def generate(
     compile: bool = False,
     progress: bool = True,
     data_format: str = "auto",
+    class_names: str | Path | None = None,
+    class_map: str | Path | None = None,
 ) -> GenerateResult:
     """Label the images under `data` (or those of `file_list`) into the store `out`; resume it when
     it exists. `size`: teacher input side (default: the teacher's). `workers`: decoding processes
@@ -343,10 +354,18 @@ def generate(
     inputs that earlier runs failed on (those of this shard), e.g. after fixing the files.
     `data_format`: "folder", "wds" (tar shards: `data` is one or a folder of them, `file_list`
     names them) or "auto" (shards when `data` is a .tar or a folder of only .tar files).
+    `class_names`: the classes of a teacher fine-tuned on its own classes (see
+    :func:`trt_relabel.classes.read_class_names`). Class folders get the teacher's class index
+    (samples.tsv): folders named by a class id, or mapped by the `class_map` file
+    (:func:`trt_relabel.classes.read_class_map`); other folders get -1, with a warning. A file
+    list and tar shards give their class indices themselves.
     Raises UsageError for bad arguments, RelabelError (StoreError, ...) for
     expected failures; inputs that cannot be decoded are listed in errors.jsonl, not raised.
     """
     samples, inputs = open_data(data, file_list, data_format)
+    classes = read_class_names(class_names) if class_names is not None else None
+    listed = file_list is None and isinstance(inputs, FolderInputs)
+    samples, unmapped = _teacher_class_indices(samples, teacher, size, classes, class_map, listed)
     workers = default_workers() if workers is None else workers
     if batch_size < 1 or workers < 0:
         raise UsageError(f"batch size must be >= 1 and workers >= 0 (got {batch_size} and {workers})")
@@ -374,6 +393,9 @@ def generate(
         group.on_every_rank(lambda: _check_not_busy(out, split, len(samples), overwrite))
         show = progress and group.rank == 0
         log = console.print if show else (lambda _: None)
+        if unmapped:
+            advice = unmapped_advice(unmapped, teacher)
+            log(warning(f"{advice}; their images get class -1"))
         runtime = group.rank0_first(
             lambda: open_backend(
                 backend,
@@ -386,6 +408,7 @@ def generate(
                 max_batch=batch_size,
                 compile=compile,
                 log=log,
+                classes=classes,
             )
         )
         writer = group.rank0_first(
@@ -394,7 +417,7 @@ def generate(
                 _spec(runtime),
                 samples,
                 overwrite=overwrite and group.rank == 0,
-                extra_manifest={"source": "generate"},
+                extra_manifest={"source": "generate", **classes_metadata(classes)},
             )
         )
         _check_same_teacher(writer, runtime)
@@ -423,6 +446,28 @@ def generate(
     finally:
         rows_lock.close()
         group.close()
+
+
+def _teacher_class_indices(
+    samples: list[ImageEntry],
+    teacher: str,
+    size: int | None,
+    classes: ClassList | None,
+    class_map: str | Path | None,
+    listed: bool,
+) -> tuple[list[ImageEntry], list[str]]:
+    """The inputs with their folder's teacher class index, and the class folders that are no class
+    of the teacher. Entries not `listed` from a folder (a file list, tar shards) keep the class
+    indices they come with."""
+    if not listed:
+        if class_map is not None:
+            raise UsageError("--class-map maps class folders; a --file-list or tar shards give class indices")
+        return samples, []
+    from trt_relabel.teacher import get_teacher_config
+
+    classes = classes or default_classes(get_teacher_config(teacher, size).num_classes)
+    mapping = read_class_map(class_map, classes) if class_map is not None else None
+    return map_folder_classes(samples, classes, mapping)
 
 
 def _check_writable(out: Path) -> None:

@@ -25,6 +25,7 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
+from trt_relabel.classes import classes_from_metadata, classes_metadata, imagenet_classes, map_folder_classes
 from trt_relabel.errors import UsageError
 from trt_relabel.fileio import write_atomic
 from trt_relabel.images import ImageEntry, first_difference, list_images
@@ -203,7 +204,8 @@ def import_relabel(
     progress: ProgressCallback | None = None,
 ) -> ImportSummary:
     """Import the official maps under `relabel_root` into the store `out`, one row per image of
-    the ImageFolder `data_dir` (trt_relabel.images.list_images order).
+    the ImageFolder `data_dir` (trt_relabel.images.list_images order); wnid folders get their
+    ImageNet class index in samples.tsv, for any subset of the classes (others -1).
 
     The map of ``data_dir/<wnid>/<stem>.<ext>`` is ``relabel_root/<wnid>/<stem>.pt`` (see
     :func:`read_relabel_map`); a missing or bad one marks its row failed with the reason in
@@ -215,7 +217,7 @@ def import_relabel(
     for folder in (relabel_root, data_dir):
         if not folder.is_dir():
             raise UsageError(f"{folder}: not a directory")
-    samples = list_images(data_dir)
+    samples, _ = map_folder_classes(list_images(data_dir), imagenet_classes())
     spec = _exported_spec(relabel_root)
     writer = create_store(out, spec, samples, overwrite=overwrite, extra_manifest={"source": "import-relabel"})
     if retry_failed:
@@ -373,6 +375,13 @@ def _check_aligned(stores: list[LabelStore]) -> None:
         ):
             if theirs != ours:
                 raise StoreError(f"{store.path}: {what} {theirs} differs from {first.path} ({ours})")
+        theirs, ours = _classes(store).ids, _classes(first).ids
+        differing = first_difference(theirs, ours)
+        if differing is not None:
+            raise StoreError(
+                f"{store.path}: class {differing} is {theirs[differing]!r}, in {first.path} {ours[differing]!r}: "
+                "the teachers have different classes"
+            )
         row = first_difference(store.samples, first.samples)
         if row is not None:
             raise StoreError(
@@ -380,6 +389,10 @@ def _check_aligned(stores: list[LabelStore]) -> None:
                 f"{store.samples[row].class_index}, in {first.path} {first.samples[row].path!r} class "
                 f"{first.samples[row].class_index}: the stores are not aligned"
             )
+
+
+def _classes(store: LabelStore):
+    return classes_from_metadata(store.manifest, store.num_classes)
 
 
 def _normalised_weights(weights: list[float] | None, count: int) -> np.ndarray:
@@ -480,10 +493,11 @@ def merge_stores(
     if not 1 <= topk <= largest_k:
         raise UsageError(f"--topk {topk}: must lie in [1, {largest_k}] (the largest k of the inputs)")
     manifest = {
+        **classes_metadata(_classes(stores[0]) if stores[0].manifest.get("class_ids") else None),
         "merged_from": [
             {"path": str(s.path), "teacher": s.spec.teacher, "teacher_hash": s.spec.teacher_hash, "weight": w}
             for s, w in zip(stores, normalised.tolist(), strict=True)
-        ]
+        ],
     }
     samples = stores[0].samples
     if not overwrite:

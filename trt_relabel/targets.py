@@ -24,6 +24,12 @@ its pre-pool feature map (timm ``forward_features``, adaptive-average-pooled to 
 each of S x S cells; each cell's target is ``softmax(label_pooling(..., output_size=S))`` (mirrored
 along x for flipped crops; under CutMix, each cell mixes A's and B's cell targets by the fraction
 of the cell the patch covers). The loss adds ``local_weight`` times their soft cross-entropy.
+
+Every soft target is :func:`teacher_target` of pooled scores: with ``classes`` (a student for N of
+the teacher's C classes) the pooled scores of those N classes are kept, in the student's output
+order, and the others dropped BEFORE the softmax (the N-way target is the teacher's distribution
+conditioned on the N classes); with ``temperature`` T the softmax is taken of scores / T (T = 1,
+the default, is the official target; T < 1 sharpens the targets of a teacher with small logits).
 """
 
 from __future__ import annotations
@@ -50,10 +56,29 @@ def class_targets(labels: Tensor, num_classes: int, smoothing: float = 0.0) -> T
     return F.one_hot(labels, num_classes).float() * (1.0 - smoothing) + smoothing / num_classes
 
 
-def relabel_targets(values: Tensor, indices: Tensor, boxes: Tensor, num_classes: int) -> Tensor:
+def teacher_target(pooled: Tensor, classes: Tensor | None = None, temperature: float = 1.0) -> Tensor:
+    """Soft target of pooled teacher scores [B, C] or [B, C, S, S]: softmax over dim 1 of the
+    scores of `classes` (int64 [N], the teacher class of each student output; None: all C, in
+    order) divided by `temperature` -> [B, N] or [B, N, S, S]. T = 1 is exactly
+    :func:`trt_relabel.pooling.soft_target` of the pooled scores."""
+    if classes is not None:
+        pooled = pooled.index_select(1, classes.to(pooled.device))
+    return soft_target(pooled if temperature == 1.0 else pooled / temperature)
+
+
+def relabel_targets(
+    values: Tensor,
+    indices: Tensor,
+    boxes: Tensor,
+    num_classes: int,
+    *,
+    classes: Tensor | None = None,
+    temperature: float = 1.0,
+) -> Tensor:
     """LabelPooling soft targets: values float [B, k, h, w], indices int [B, k, h, w], boxes
-    [B, 4] (x1, y1, x2, y2 in [0, 1] of the image frame) -> float32 [B, C]."""
-    return soft_target(label_pooling(values, indices, boxes, num_classes))
+    [B, 4] (x1, y1, x2, y2 in [0, 1] of the image frame), the teacher's C = `num_classes` ->
+    float32 [B, N] (see :func:`teacher_target` for `classes` and `temperature`)."""
+    return teacher_target(label_pooling(values, indices, boxes, num_classes), classes, temperature)
 
 
 def crop_to_image(rects: Tensor, boxes: Tensor, flipped: Tensor) -> Tensor:
@@ -121,9 +146,17 @@ def sample_cutmix(batch_size: int, image_size: int, beta: float) -> CutMix:
 
 
 def cutmix_relabel_targets(
-    values: Tensor, indices: Tensor, boxes: Tensor, flipped: Tensor, cutmix: CutMix, num_classes: int
+    values: Tensor,
+    indices: Tensor,
+    boxes: Tensor,
+    flipped: Tensor,
+    cutmix: CutMix,
+    num_classes: int,
+    *,
+    classes: Tensor | None = None,
+    temperature: float = 1.0,
 ) -> Tensor:
-    """Localized ReLabel targets of a CutMix batch (see the module docstring) -> float32 [B, C].
+    """Localized ReLabel targets of a CutMix batch (see the module docstring) -> float32 [B, N].
 
     values float [B, k, h, w], indices int [B, k, h, w], boxes [B, 4] image-frame crop boxes,
     flipped bool [B]. A's visible region = the 4 boxes around the rectangle (top and bottom bands
@@ -144,7 +177,10 @@ def cutmix_relabel_targets(
     )
     kept = cutmix.kept
     visible = (pooled[: 4 * batch].view(4, batch, -1) * areas[:, None, None]).sum(0) / max(kept, 1e-6)
-    return kept * soft_target(visible) + (1.0 - kept) * soft_target(pooled[4 * batch :])
+    patch = pooled[4 * batch :]
+    return kept * teacher_target(visible, classes, temperature) + (1.0 - kept) * teacher_target(
+        patch, classes, temperature
+    )
 
 
 @dataclass(frozen=True)
@@ -196,24 +232,42 @@ def local_targets(
     num_classes: int,
     cells: int,
     cutmix: CutMix | None = None,
+    *,
+    classes: Tensor | None = None,
+    temperature: float = 1.0,
 ) -> CellTargets:
     """Per-cell soft targets of the S x S cells of each output crop: softmax over classes of
-    label_pooling(..., output_size=S), its column bins mirrored where the crop was flipped; under
-    CutMix each cell mixes its own and its pasted neighbour's target by the fraction of the cell
-    the rectangle covers. Computed from the pooled entries of each cell (a few dozen), never
-    over all C classes."""
-    classes, scores = pooled_entries(values, indices, boxes, num_classes, cells, flipped=flipped)
-    base, classes, weights = sparse_softmax(classes, scores, num_classes)  # [B, S * S], [B, S * S, E]
+    label_pooling(..., output_size=S) (as :func:`teacher_target`: the scores of `classes`, divided
+    by `temperature`), its column bins mirrored where the crop was flipped; under CutMix each cell
+    mixes its own and its pasted neighbour's target by the fraction of the cell the rectangle
+    covers. Computed from the pooled entries of each cell (a few dozen), never over all C classes;
+    N = len(classes) (C without)."""
+    entry_classes, scores = pooled_entries(values, indices, boxes, num_classes, cells, flipped=flipped)
+    entry_classes, scores, outputs = _student_entries(entry_classes, scores, num_classes, classes, temperature)
+    base, entry_classes, weights = sparse_softmax(entry_classes, scores, outputs)  # [B, S * S], [B, S * S, E]
     batch = len(base)
     targets = CellTargets(
         base.view(batch, cells, cells),
-        classes.view(batch, cells, cells, -1).permute(0, 3, 1, 2),
+        entry_classes.view(batch, cells, cells, -1).permute(0, 3, 1, 2),
         weights.view(batch, cells, cells, -1).permute(0, 3, 1, 2),
-        num_classes,
+        outputs,
     )
     if cutmix is None:
         return targets
     return targets.mix(cutmix.cell_coverage(cells, base.device), cutmix.perm)
+
+
+def _student_entries(
+    entry_classes: Tensor, scores: Tensor, num_classes: int, classes: Tensor | None, temperature: float
+) -> tuple[Tensor, Tensor, int]:
+    """Pooled entries (teacher classes int64 [..., E], scores [..., E]) as entries of the student's
+    N outputs: class -> its output (N, i.e. none, for a class the student lacks), scores /
+    temperature. Returns (classes, scores, N)."""
+    if classes is not None:
+        lookup = torch.full((num_classes,), len(classes), dtype=torch.int64, device=entry_classes.device)
+        lookup[classes.to(entry_classes.device)] = torch.arange(len(classes), device=entry_classes.device)
+        entry_classes, num_classes = lookup[entry_classes], len(classes)
+    return entry_classes, scores if temperature == 1.0 else scores / temperature, num_classes
 
 
 def sparse_softmax(classes: Tensor, scores: Tensor, num_classes: int) -> tuple[Tensor, Tensor, Tensor]:

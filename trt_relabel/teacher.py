@@ -221,7 +221,13 @@ def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str) 
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
         first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
-        raise TeacherError(f"{source}: weights do not fit {type(model).__name__}: {first}") from None
+        classifier = getattr(model, "pretrained_cfg", {}).get("classifier", "")
+        hint = (
+            "; weights of a teacher fine-tuned on other classes need --class-names FILE (one line per class)"
+            if classifier and f"for {classifier}." in first
+            else ""
+        )
+        raise TeacherError(f"{source}: weights do not fit {type(model).__name__}: {first}{hint}") from None
 
 
 def _from_hub(config: TeacherConfig) -> nn.Module:

@@ -35,25 +35,24 @@ import torch.nn.functional as F
 from timm.data import resolve_data_config
 from torch import Tensor, nn
 
+from trt_relabel.classes import unmapped_advice
 from trt_relabel.data import (
     EvalBatch,
     EvalBatches,
     EvalTransform,
-    Inputs,
     ShardedBatchSampler,
     TrainBatch,
     TrainBatches,
+    TrainData,
     TrainTransform,
-    aligned_store,
     batch_loader,
-    data_entries,
+    open_train_data,
     real_labels,
+    student_real_labels,
     trainable_rows,
 )
 from trt_relabel.errors import RelabelError, UsageError
 from trt_relabel.fileio import atomic_file, remove_stale
-from trt_relabel.sample_table import SampleTable
-from trt_relabel.store import LabelStore
 from trt_relabel.targets import (
     CellTargets,
     CutMix,
@@ -84,6 +83,9 @@ class TrainConfig:
     rate for it; `warmup_epochs` may be fractional. `smoothing` is used by label_mode "smooth".
     `cutmix` is the probability of CutMix per batch, `cutmix_beta` its Beta parameter.
     `local_labels` = S > 0 adds the per-cell loss on S x S cells, weighted by `local_weight`.
+    `target_temperature` T: relabel targets are the softmax of the pooled logits / T (1: the
+    official targets). `class_map`: TSV mapping class folders to teacher classes
+    (trt_relabel.classes.read_class_map).
     `crop_scale` is RandomResizedCrop's range of area fractions; `crop_pct` the validation centre
     crop's share of the resized short side. `workers` are loader processes per training process.
     `amp` (CUDA only) uses `amp_dtype` "bfloat16" or "float16" (with a GradScaler).
@@ -106,6 +108,8 @@ class TrainConfig:
     cutmix_beta: float = 1.0
     local_labels: int = 0
     local_weight: float = 1.0
+    target_temperature: float = 1.0
+    class_map: Path | None = None
     crop_scale: tuple[float, float] = (0.08, 1.0)
     color_jitter: float = 0.4
     interpolation: str = "bilinear"
@@ -142,6 +146,8 @@ class TrainConfig:
             ),
             (not 0 <= self.cutmix <= 1 or self.cutmix_beta <= 0, "cutmix must be a probability, cutmix_beta > 0"),
             (self.local_labels < 0 or self.local_weight < 0, "local_labels and local_weight must be >= 0"),
+            (not self.target_temperature > 0, "target_temperature must be > 0"),
+            (self.class_map is not None and "relabel" not in self.label_mode, "class_map needs a relabel label_mode"),
             (self.local_labels > 0 and "relabel" not in self.label_mode, "local_labels needs a relabel label_mode"),
             (not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1, "crop_scale must be 0 < min <= max <= 1"),
             (self.real_labels is not None and self.val is None, "--real-labels needs --val"),
@@ -219,24 +225,33 @@ class TrainResult:
 
 
 def batch_targets(
-    batch: TrainBatch, config: TrainConfig, num_classes: int, cutmix: CutMix | None
+    batch: TrainBatch, config: TrainConfig, num_classes: int, cutmix: CutMix | None, subset: Tensor | None = None
 ) -> tuple[Tensor, CellTargets | None]:
-    """(targets float32 [B, C], local targets (CellTargets of [B, C, S, S]) or None) of a batch on the
-    training device, for the config's label mode, CutMix draw and local_labels."""
+    """(targets float32 [B, N], local targets (CellTargets of [B, N, S, S]) or None) of a batch on
+    the training device, for the config's label mode, CutMix draw, local_labels and
+    target_temperature. `num_classes`: C of the label maps; `subset`: int64 [N], the teacher class
+    of each student output (None: N = C, the teacher's classes in order); batch.labels are student
+    outputs."""
     parts = []
     if config.label_mode != "relabel":
         smoothing = config.smoothing if config.label_mode == "smooth" else 0.0
-        one_hot = class_targets(batch.labels, num_classes, smoothing)
+        outputs = len(subset) if subset is not None else num_classes
+        one_hot = class_targets(batch.labels, outputs, smoothing)
         parts.append(one_hot if cutmix is None else cutmix.mix(one_hot))
     cells = None
     if "relabel" in config.label_mode:
         values, indices = batch.values.float(), batch.indices
+        kept = {"classes": subset, "temperature": config.target_temperature}
         if cutmix is None:
-            parts.append(relabel_targets(values, indices, batch.boxes, num_classes))
+            parts.append(relabel_targets(values, indices, batch.boxes, num_classes, **kept))
         else:
-            parts.append(cutmix_relabel_targets(values, indices, batch.boxes, batch.flipped, cutmix, num_classes))
+            parts.append(
+                cutmix_relabel_targets(values, indices, batch.boxes, batch.flipped, cutmix, num_classes, **kept)
+            )
         if config.local_labels:
-            cells = local_targets(values, indices, batch.boxes, batch.flipped, num_classes, config.local_labels, cutmix)
+            cells = local_targets(
+                values, indices, batch.boxes, batch.flipped, num_classes, config.local_labels, cutmix, **kept
+            )
     return sum(parts) / len(parts), cells
 
 
@@ -466,21 +481,11 @@ def train(config: TrainConfig, console=None) -> TrainResult:
         return _train(config, process, console if process.is_main else None)
 
 
-def _open_data(config: TrainConfig) -> tuple[SampleTable, Inputs, LabelStore | None, int]:
-    """(training entries, their inputs, store or None, number of classes), aligned and checked."""
-    entries, inputs = data_entries(config.data, "--data")
-    store = LabelStore(config.labels) if config.labels is not None else None
-    if store is not None:
-        aligned_store(entries, store, config.data)
-    folder_classes = int(entries.classes.max()) + 1
-    num_classes = store.num_classes if store is not None else folder_classes
-    if config.label_mode != "relabel" and folder_classes > num_classes:
-        raise RelabelError(f"{config.data}: more class folders than the store's {num_classes} classes")
-    return entries, inputs, store, num_classes
-
-
 def _train(config: TrainConfig, process: Process, console) -> TrainResult:
-    entries, inputs, store, num_classes = _open_data(config)
+    run_data = open_train_data(config.data, config.labels, config.val, config.class_map, config.label_mode)
+    entries, inputs, store, num_classes = run_data.entries, run_data.inputs, run_data.store, run_data.num_classes
+    subset = torch.tensor(run_data.classes.teacher) if run_data.classes.teacher is not None else None
+    _report_classes(run_data, console)
     uses_maps = "relabel" in config.label_mode
     rows, unlabelled, nonfinite = trainable_rows(store if uses_maps else None, len(entries))
     skipped = unlabelled + nonfinite
@@ -495,7 +500,7 @@ def _train(config: TrainConfig, process: Process, console) -> TrainResult:
     batch_size = config.batch_size // process.world_size
 
     torch.manual_seed(config.seed + process.rank)
-    model = create_student(config.model, num_classes)
+    model = create_student(config.model, len(run_data.classes.names))
     data_config = resolve_data_config({}, model=model)
     mean, std = data_config["mean"], data_config["std"]
     transform = TrainTransform(
@@ -521,7 +526,7 @@ def _train(config: TrainConfig, process: Process, console) -> TrainResult:
     generator = torch.Generator()
     dataset = TrainBatches(inputs, entries, transform, store if uses_maps else None)
     loader = batch_loader(dataset, sampler, workers=config.workers, pin_memory=cuda, generator=generator)
-    val_loader, real = _val_loader(config, mean, std, batch_size, process, cuda)
+    val_loader, real = _val_loader(config, run_data, mean, std, batch_size, process, cuda)
 
     model.to(process.device)
     if config.channels_last:
@@ -564,7 +569,17 @@ def _train(config: TrainConfig, process: Process, console) -> TrainResult:
             task = progress.add_task(f"epoch {epoch + 1}/{config.epochs}", total=steps, rate=0.0, loss="-")
             started = time.perf_counter()
             loss_sum, images_seen, last_lr, bad_step, unreadable = _train_epoch(
-                student, loader, optimizer, scheduler, scaler, amp, config, num_classes, process, progress, task
+                student,
+                loader,
+                optimizer,
+                scheduler,
+                scaler,
+                amp,
+                config,
+                (num_classes, subset),
+                process,
+                progress,
+                task,
             )
             if bad_step is not None:
                 raise _diverged(run_dir, checkpoint_path, epoch, bad_step)
@@ -593,6 +608,7 @@ def _train(config: TrainConfig, process: Process, console) -> TrainResult:
                     "scaler": scaler.state_dict(),
                     "epoch": epoch + 1,
                     "config": config.to_dict(),
+                    "classes": list(run_data.classes.names),
                     "rng": rng,
                 }
                 _save_checkpoint(checkpoint_path, state)
@@ -611,12 +627,26 @@ def _summary(line: dict) -> str:
     return "  ".join(parts)
 
 
-def _val_loader(config: TrainConfig, mean, std, batch_size: int, process: Process, cuda: bool):
+def _report_classes(run_data: TrainData, console) -> None:
+    """Say what the student's outputs are when they are not simply the class folders."""
+    if console is None or run_data.store is None:
+        return
+    outputs, teacher = len(run_data.classes.names), run_data.store.spec.teacher
+    if run_data.unmapped:
+        advice = unmapped_advice(run_data.unmapped, teacher)
+        message = f"{advice}; the student learns all {outputs} classes of the teacher"
+        console.print(warning(message))
+    elif run_data.classes.teacher is not None:
+        console.print(f"student: {outputs} outputs, the teacher classes of the {outputs} class folders")
+
+
+def _val_loader(config: TrainConfig, run_data: TrainData, mean, std, batch_size: int, process: Process, cuda: bool):
     """(loader over this process's shard of --val, ReaL labels or None), or (None, None)."""
     if config.val is None:
         return None, None
-    entries, inputs = data_entries(config.val, "--val")
+    entries, inputs = run_data.val_entries, run_data.val_inputs
     real = real_labels(config.real_labels, entries) if config.real_labels is not None else None
+    real = student_real_labels(real, run_data.classes) if real is not None else None
     transform = EvalTransform(
         config.image_size, mean, std, crop_pct=config.crop_pct, interpolation=config.interpolation
     )
@@ -650,11 +680,13 @@ def _warn_unreadable(console, line: dict, unreadable: list[str]) -> None:
     console.print(warning(f"epoch {line['epoch']} skipped {counts} that cannot be decoded{example}"))
 
 
-def _train_epoch(student, loader, optimizer, scheduler, scaler, amp, config, num_classes, process, progress, task):
+def _train_epoch(student, loader, optimizer, scheduler, scaler, amp, config, classes, process, progress, task):
     """One pass over the loader; returns (sum of the step losses, images seen, lr of the last step,
     None, "path: reason" of the images left out as unreadable) of this process. Stops early when
     the loss of any process is not finite (looked at every LOSS_CHECK_STEPS steps and at the end, on
-    every process at once); the fourth item is then the first step (0-based) with a non-finite loss."""
+    every process at once); the fourth item is then the first step (0-based) with a non-finite loss.
+    `classes`: (C of the label maps, teacher class per output or None)."""
+    num_classes, subset = classes
     student.train()
     side_stream = torch.cuda.Stream(process.device) if process.device.type == "cuda" else None
     loss_sum = torch.zeros((), dtype=torch.float64, device=process.device)
@@ -666,7 +698,9 @@ def _train_epoch(student, loader, optimizer, scheduler, scaler, amp, config, num
         unreadable += batch.unreadable
         _check_readable(batch)
         lr = optimizer.param_groups[0]["lr"]
-        loss = train_step(student, batch, optimizer, scaler, amp, config, num_classes, process.device, side_stream)
+        loss = train_step(
+            student, batch, optimizer, scaler, amp, config, num_classes, process.device, side_stream, subset
+        )
         scheduler.step()
         loss = loss.detach()
         loss_sum += loss
@@ -717,13 +751,14 @@ def train_step(
     num_classes: int,
     device: torch.device,
     side_stream: torch.cuda.Stream | None = None,
+    subset: Tensor | None = None,
 ) -> Tensor:
     """One optimisation step on a loader batch: CutMix, targets, forward, loss, backward, update.
 
     With `side_stream` (CUDA), the host-to-device copies and the targets are queued on that stream:
     they overlap the previous step's kernels, and the synchronisations inside label_pooling wait
     for that stream only, so the host keeps queuing work ahead of the GPU. Returns the loss (a
-    0-dim tensor on `device`).
+    0-dim tensor on `device`). `num_classes` and `subset`: see :func:`batch_targets`.
     """
     cutmix = None
     if config.cutmix and float(torch.rand(())) < config.cutmix:
@@ -732,7 +767,7 @@ def train_step(
         if cutmix is not None:
             cutmix = replace(cutmix, perm=_move(cutmix.perm, device))
         maps = TrainBatch(*(_move(t, device) for t in batch._replace(images=None)))
-        targets, cell_targets = batch_targets(maps, config, num_classes, cutmix)
+        targets, cell_targets = batch_targets(maps, config, num_classes, cutmix, _move(subset, device))
         images = _move(batch.images, device)
     if side_stream is not None:
         main = torch.cuda.current_stream(device)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from trt_relabel.classes import class_names
+from trt_relabel.classes import ClassList, classes_from_metadata, read_class_map
 from trt_relabel.errors import RelabelError, UsageError
 from trt_relabel.images import ImageLoadError, load_rgb
 from trt_relabel.interop import ProgressCallback
@@ -29,13 +29,22 @@ OTHER_CLASSES_GREY = (0.5, 0.5, 0.5)  # the classes past the legend's
 FIGURE_FORMATS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".svg": "svg", ".pdf": "pdf"}
 
 
-def soft_targets(values: np.ndarray, indices: np.ndarray, boxes: np.ndarray, num_classes: int) -> np.ndarray:
+#: Mean entropy of the global targets, as a fraction of log C, above which `stats` warns that
+#: they are close to uniform.
+NEAR_UNIFORM = 0.9
+
+
+def soft_targets(
+    values: np.ndarray, indices: np.ndarray, boxes: np.ndarray, num_classes: int, temperature: float = 1.0
+) -> np.ndarray:
     """ReLabel soft targets of B images: values float [B, k, h, w] (logits), indices int [B, k, h, w],
     boxes float [B, 4] (x1, y1, x2, y2) normalised to [0, 1] in the image frame -> float32 [B, C]
-    (softmax of :func:`trt_relabel.pooling.label_pooling` over each box)."""
+    (softmax of :func:`trt_relabel.pooling.label_pooling` over each box / `temperature`, as
+    `train --target-temperature`)."""
     import torch
 
-    from trt_relabel.pooling import label_pooling, soft_target
+    from trt_relabel.pooling import label_pooling
+    from trt_relabel.targets import teacher_target
 
     pooled = label_pooling(
         torch.from_numpy(values.astype(np.float32)),
@@ -43,7 +52,26 @@ def soft_targets(values: np.ndarray, indices: np.ndarray, boxes: np.ndarray, num
         torch.from_numpy(np.asarray(boxes, dtype=np.float32)),
         num_classes,
     )
-    return soft_target(pooled).numpy()
+    return teacher_target(pooled, temperature=temperature).numpy()
+
+
+def sample_classes(store: LabelStore, class_map: str | Path | None = None) -> np.ndarray:
+    """int64 [N]: the teacher class of each row's folder: samples.tsv's class index, or, for a
+    folder (first path component) that `class_map` names, its class there
+    (:func:`trt_relabel.classes.read_class_map`)."""
+    classes = np.array(store.samples.classes, dtype=np.int64)  # a writable copy
+    if class_map is not None:
+        mapping = read_class_map(class_map, store_classes(store))
+        for row, sample in enumerate(store.samples):
+            folder, sep, _ = sample.path.partition("/")
+            if sep and folder in mapping:
+                classes[row] = mapping[folder]
+    return classes
+
+
+def store_classes(store: LabelStore) -> ClassList:
+    """The classes of the store's teacher (its manifest's own list, else the default classes)."""
+    return classes_from_metadata(store.manifest, store.num_classes)
 
 
 @dataclass(frozen=True)
@@ -53,10 +81,13 @@ class StoreStats:
     `num_nonfinite`: rows labelled with scores that hold a NaN or an infinity (stores of older
     versions or edited ones; `nonfinite` lists them), left out: `num_labelled` counts the other
     labelled rows, which every figure below covers. `num_with_class`: those whose folder gives a
-    class (class index >= 0); `num_agree`:
-    those whose global top-1 is that class (meaningful when the folder classes are the teacher's,
-    e.g. ImageNet's 1000 wnid folders). `num_multi_label`: labelled rows whose second most likely
-    class has a probability above `threshold`. Ratios are None when their denominator is 0.
+    teacher class (class index >= 0, e.g. ImageNet wnid folders of any subset, or folders mapped by
+    a class map); `num_agree`: those whose global top-1 is that class. `unmapped_folders`: folders
+    (first path component) of labelled rows without a class. `num_multi_label`: labelled rows
+    whose second most likely class has a probability above `threshold`. Targets are
+    softmax(pooled / `target_temperature`); `top_prob_mean` is the mean of their largest
+    probability, `entropy_max` = log C, and `near_uniform` says the mean entropy exceeds
+    NEAR_UNIFORM * log C. Ratios are None when their denominator is 0.
     """
 
     store: str
@@ -70,11 +101,16 @@ class StoreStats:
     num_with_class: int
     num_agree: int
     agreement: float | None
+    unmapped_folders: list[str]
     threshold: float
     num_multi_label: int
     multi_label_fraction: float | None
     entropy_mean: float | None
     entropy_quartiles: tuple[float, float, float] | None
+    entropy_max: float
+    top_prob_mean: float | None
+    target_temperature: float
+    near_uniform: bool
     entropies: np.ndarray = field(repr=False, compare=False)  # float32 [labelled finite rows], row order
     nonfinite: np.ndarray = field(repr=False, compare=False)  # int64 [num_nonfinite]: their rows
 
@@ -90,34 +126,50 @@ def _ratio(count: int, total: int) -> float | None:
 
 
 def store_stats(
-    store: LabelStore, *, threshold: float = 0.2, chunk_rows: int = 1024, progress: ProgressCallback | None = None
+    store: LabelStore,
+    *,
+    threshold: float = 0.2,
+    temperature: float = 1.0,
+    class_map: str | Path | None = None,
+    chunk_rows: int = 1024,
+    progress: ProgressCallback | None = None,
 ) -> StoreStats:
-    """Compute :class:`StoreStats` over the labelled rows of `store`, `chunk_rows` at a time.
+    """Compute :class:`StoreStats` over the labelled rows of `store`, `chunk_rows` at a time, with
+    targets at `temperature` and folder classes from :func:`sample_classes` (`class_map`).
     `progress`, if given, is called with (rows done, rows to do)."""
     if not 0 <= threshold < 1:
         raise UsageError(f"--threshold {threshold}: must lie in [0, 1)")
+    if not temperature > 0:
+        raise UsageError(f"--target-temperature {temperature}: must be > 0")
     status = store.status()
     labelled = np.flatnonzero(status == LABELLED)
     finite = np.ones(len(labelled), bool)
     top1 = np.empty(len(labelled), np.int64)
+    top_prob = np.empty(len(labelled), np.float32)
     second = np.empty(len(labelled), np.float32)
     entropies = np.empty(len(labelled), np.float32)
     for start in range(0, len(labelled), chunk_rows):
         chunk = slice(start, start + chunk_rows)
         values, indices = store.gather(labelled[chunk])
         finite[chunk] = ~nonfinite_rows(values)
-        targets = soft_targets(values, indices, np.tile(FULL_BOX, (len(values), 1)), store.num_classes)
+        boxes = np.tile(FULL_BOX, (len(values), 1))
+        targets = soft_targets(values, indices, boxes, store.num_classes, temperature)
         best_two = -np.partition(-targets, 1, axis=1)[:, :2]
         top1[chunk] = targets.argmax(axis=1)
+        top_prob[chunk] = best_two[:, 0]
         second[chunk] = best_two[:, 1]
         entropies[chunk] = -(targets * np.log(np.maximum(targets, np.finfo(np.float32).tiny))).sum(axis=1)
         if progress:
             progress(min(start + chunk_rows, len(labelled)), len(labelled))
     rows, top1, second, entropies = labelled[finite], top1[finite], second[finite], entropies[finite]
-    classes = store.samples.classes[rows]
+    top_prob = top_prob[finite]
+    classes = sample_classes(store, class_map)[rows]
     with_class = classes >= 0
     num_agree = int((top1[with_class] == classes[with_class]).sum())
     num_multi = int((second > threshold).sum())
+    paths = (store.samples[row].path for row in rows[~with_class])
+    unmapped = sorted({path.split("/", 1)[0] for path in paths if "/" in path})
+    entropy_mean = float(entropies.mean()) if len(rows) else None
     return StoreStats(
         store=str(store.path),
         teacher=store.spec.teacher,
@@ -130,11 +182,16 @@ def store_stats(
         num_with_class=int(with_class.sum()),
         num_agree=num_agree,
         agreement=_ratio(num_agree, int(with_class.sum())),
+        unmapped_folders=unmapped,
         threshold=threshold,
         num_multi_label=num_multi,
         multi_label_fraction=_ratio(num_multi, len(rows)),
-        entropy_mean=float(entropies.mean()) if len(rows) else None,
+        entropy_mean=entropy_mean,
         entropy_quartiles=tuple(float(q) for q in np.quantile(entropies, [0.25, 0.5, 0.75])) if len(rows) else None,
+        entropy_max=float(np.log(store.num_classes)),
+        top_prob_mean=float(top_prob.mean()) if len(rows) else None,
+        target_temperature=temperature,
+        near_uniform=bool(entropy_mean is not None and entropy_mean > NEAR_UNIFORM * np.log(store.num_classes)),
         entropies=entropies,
         nonfinite=labelled[~finite],
     )
@@ -285,7 +342,7 @@ def show_label_map(
 
     Left: the photo (read with trt_relabel.images.load_rgb) with the top-1 class of each label-map
     cell as semi-transparent colours (nearest-upsampled to the photo) and `box` outlined. Right:
-    a legend of the top-1 classes (names from timm's ImageNet info) and the bars of the 5 most
+    a legend of the top-1 classes (names of the store's teacher classes) and the bars of the 5 most
     likely classes of the soft target of `box` (x1, y1, x2, y2 normalised to [0, 1]; the whole
     image when None). Returns those 5 (class index, probability), most likely first.
     """
@@ -304,13 +361,15 @@ def show_label_map(
     target = soft_targets(values[None], indices[None], pool_box[None], store.num_classes)[0]
     top5 = [(int(c), float(target[c])) for c in np.argsort(-target, kind="stable")[:5]]
     top1 = np.take_along_axis(indices, values.argmax(axis=0)[None], axis=0)[0]
-    names = class_names(store.num_classes)
+    classes = store_classes(store)
+    names = list(classes.names)
 
     rgba, legend = _top1_colours(top1)
 
     fig = _figure(width, height)
     axes = fig.subplot_mosaic([["image", "legend"], ["image", "bars"]], width_ratios=[3, 2])
-    _draw_photo(axes["image"], picture, rgba, box, f"{readable(sample.path)} (row {row})")
+    title = f"{readable(sample.path)} (row {row}), folder class: {classes.label(sample.class_index)}"
+    _draw_photo(axes["image"], picture, rgba, box, title)
     _draw_legend(axes["legend"], legend, names, store.spec.teacher)
     _draw_bars(axes["bars"], top5, names, "box" if box else "whole image")
     _save(fig, out)

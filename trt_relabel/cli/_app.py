@@ -154,6 +154,24 @@ RetryFailedOpt = Annotated[
     bool, typer.Option("--retry-failed", help="Label again the inputs earlier runs failed on (once fixed).")
 ]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Delete an existing store at --out and start over.")]
+ClassNamesOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--class-names",
+        metavar="FILE",
+        help="Classes of a teacher fine-tuned on its own classes: one line per class, in class-index order, "
+        "'id' or 'id<TAB>name' (the id is the class folder name).",
+    ),
+]
+ClassMapOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--class-map",
+        metavar="FILE",
+        help="TSV 'folder<TAB>teacher class' (id, name or index): the teacher class of class folders that are not "
+        "named by a teacher class id.",
+    ),
+]
 
 
 def workers_option(help: str, *, min: int = 0, default: str | None = None) -> Any:

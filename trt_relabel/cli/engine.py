@@ -11,6 +11,7 @@ import typer
 
 from trt_relabel.cli._app import (
     CheckpointOpt,
+    ClassNamesOpt,
     EnginesDirOpt,
     SizeOpt,
     TeacherOpt,
@@ -45,6 +46,7 @@ def build_engine_command(
     checkpoint: CheckpointOpt = None,
     size: SizeOpt = None,
     topk: TopkOpt = 5,
+    class_names: ClassNamesOpt = None,
     engines_dir: EnginesDirOpt = Path("engines"),
     out: Annotated[Path | None, typer.Option("--out", "-o", hidden=True)] = None,  # the former name
     max_batch: Annotated[int, typer.Option(min=1, help="Largest batch of the TensorRT profile.")] = 64,
@@ -60,18 +62,21 @@ def build_engine_command(
     if out is not None and engines_dir != Path("engines"):
         raise UsageError("give the engines folder once: --engines-dir (--out is its former name)")
     from trt_relabel.backends import tensorrt_missing
+    from trt_relabel.classes import read_class_names
     from trt_relabel.export import build_graphs
     from trt_relabel.trt_compat import check_tensorrt_compatible
 
+    classes = read_class_names(class_names) if class_names is not None else None
     built = build_graphs(
         teacher, checkpoint, size, topk, out or engines_dir, pretrained=not random_weights, verify=verify,
-        log=console.print,
+        log=console.print, classes=classes,
     )  # fmt: skip
     state = "unchanged, reused" if built.skipped else "written"
     meta = built.metadata
     console.print(
         f"{meta.teacher} ({meta.architecture}) at {meta.input_size}x{meta.input_size} -> "
-        f"top-{meta.topk} maps {meta.map_size[0]}x{meta.map_size[1]}, teacher hash {meta.teacher_hash}"
+        f"top-{meta.topk} maps {meta.map_size[0]}x{meta.map_size[1]} of {meta.num_classes} classes, "
+        f"teacher hash {meta.teacher_hash}"
     )
     for path in (built.fp32, built.fp16):
         console.print(f"  {path}  ({path.stat().st_size / 2**20:.1f} MiB, {state})")

@@ -10,6 +10,8 @@ import typer
 
 from trt_relabel.cli._app import (
     CheckpointOpt,
+    ClassMapOpt,
+    ClassNamesOpt,
     EnginesDirOpt,
     OverwriteOpt,
     RetryFailedOpt,
@@ -52,6 +54,8 @@ def generate_command(
     checkpoint: CheckpointOpt = None,
     size: SizeOpt = None,
     topk: TopkOpt = 5,
+    class_names: ClassNamesOpt = None,
+    class_map: ClassMapOpt = None,
     backend: Annotated[
         str, typer.Option("--backend", "-b", help="auto | onnxruntime | torch | tensorrt (auto: the fastest here).")
     ] = "auto",
@@ -72,6 +76,9 @@ def generate_command(
     retry_failed: RetryFailedOpt = False,
 ) -> None:
     """Label every image of DATA with the teacher's top-k label maps into the store --out.
+
+    Class folders named by a teacher class id (ImageNet wnids for ImageNet teachers) get that
+    class's index in STORE/samples.tsv, for any subset of the classes; --class-map maps others.
 
     Rerunning the same command resumes an interrupted run (only the missing rows are labelled).
 
@@ -100,6 +107,8 @@ def generate_command(
         decode=decode,
         compile=compile,
         data_format=data_format,
+        class_names=class_names,
+        class_map=class_map,
     )
     if result.rank != 0:
         return  # torchrun: rank 0 reports for the whole store

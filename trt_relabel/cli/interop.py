@@ -14,7 +14,8 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from trt_relabel.cli._app import OverwriteOpt, RetryFailedOpt, app, console, workers_option
+from trt_relabel.classes import unmapped_advice
+from trt_relabel.cli._app import ClassMapOpt, OverwriteOpt, RetryFailedOpt, app, console, workers_option
 from trt_relabel.errors import UsageError
 from trt_relabel.progress import progress_bar
 from trt_relabel.terminal import warning
@@ -189,19 +190,20 @@ def show_command(
 ) -> None:
     """Draw an image with its label map (top-1 class per cell as colours, legend with class
     names), the --box outline and the top-5 classes of its soft target (LabelPooling + softmax)."""
-    from trt_relabel.classes import class_names
     from trt_relabel.store import LabelStore
-    from trt_relabel.visualize import figure_format, locate_image, show_label_map
+    from trt_relabel.visualize import figure_format, locate_image, show_label_map, store_classes
 
     kind = figure_format(out)
     store = LabelStore(labels)
     row, photo = locate_image(store, image, data, row)
     parsed_box = tuple(_parse_floats(box, "--box", 4)) if box else None
     top5 = show_label_map(store, row, photo, out, box=parsed_box, width=width, height=height)
-    names = class_names(store.num_classes)
-    table = Table("class", "name", "probability", title=f"{store.samples[row].path}: soft target (top 5)")
+    classes = store_classes(store)
+    sample = store.samples[row]
+    title = f"{sample.path}: soft target (top 5); folder class: {classes.label(sample.class_index)}"
+    table = Table("class", "name", "probability", title=title)
     for index, probability in top5:
-        table.add_row(str(index), names[index], f"{probability:.4f}")
+        table.add_row(str(index), classes.names[index], f"{probability:.4f}")
     console.print(table)
     console.print(f"{out}: {width}x{height} {kind.upper()} written")
 
@@ -216,23 +218,36 @@ def stats_command(
         float, typer.Option("--threshold", help="Multi-label when the 2nd class's probability is above this.")
     ] = 0.2,
     as_json: Annotated[bool, typer.Option("--json", help="Print the numbers as JSON on stdout.")] = False,
+    target_temperature: Annotated[
+        float, typer.Option("--target-temperature", help="T of the targets (as `train --target-temperature`).")
+    ] = 1.0,
+    class_map: ClassMapOpt = None,
     width: WidthOpt = 1200,
     height: HeightOpt = 600,
 ) -> None:
     """Statistics of the global soft targets (LabelPooling over the whole image, softmax): top-1
-    agreement with the folder class, multi-label images, entropy distribution."""
+    agreement with the folder class, multi-label images, entropy and top probability, and a
+    warning when the targets are close to uniform."""
     from trt_relabel.store import LabelStore
     from trt_relabel.visualize import figure_format, plot_stats, store_stats
 
     kind = figure_format(plot) if plot else None
     with _progress("pooling") as progress:
-        stats = store_stats(LabelStore(store), threshold=threshold, progress=progress)
+        stats = store_stats(
+            LabelStore(store),
+            threshold=threshold,
+            temperature=target_temperature,
+            class_map=class_map,
+            progress=progress,
+        )
     if stats.num_nonfinite:
         console.print(Text(_nonfinite_warning(stats), style="yellow"))
     if as_json:
         typer.echo(json.dumps(stats.to_dict(), indent=2))
     else:
         console.print(_stats_table(stats))
+    for line in _stats_warnings(stats):
+        console.print(warning(line))
     if plot:
         plot_stats(stats, plot, width=width, height=height)
         console.print(f"{plot}: {width}x{height} {kind.upper()} written")
@@ -265,6 +280,24 @@ def _stats_table(stats) -> Table:
     if stats.entropy_quartiles:
         q1, median, q3 = stats.entropy_quartiles
         table.add_row(
-            "entropy, nats (mean; quartiles)", f"{stats.entropy_mean:.3f}; {q1:.3f} / {median:.3f} / {q3:.3f}"
+            f"entropy, nats (mean; quartiles; max {stats.entropy_max:.2f})",
+            f"{stats.entropy_mean:.3f}; {q1:.3f} / {median:.3f} / {q3:.3f}",
         )
+        table.add_row("top probability (mean)", f"{stats.top_prob_mean:.3f}")
+    table.add_row("target temperature", f"{stats.target_temperature:g}")
     return table
+
+
+def _stats_warnings(stats) -> list[str]:
+    """Lines that tell what the numbers cannot say or what to change."""
+    lines = []
+    if stats.unmapped_folders:
+        lines.append(unmapped_advice(stats.unmapped_folders, stats.teacher))
+    if stats.near_uniform:
+        lines.append(
+            f"the targets are close to uniform (mean entropy {stats.entropy_mean:.2f} of at most "
+            f"{stats.entropy_max:.2f} nats, mean top probability {stats.top_prob_mean:.3f}): the teacher's logits are "
+            "small; sharpen them with `train --target-temperature T` (T < 1; see the figures of "
+            "`stats --target-temperature T`)"
+        )
+    return lines

@@ -63,6 +63,25 @@ def train_command(
         int | None, _opt("--local-labels", metavar="S", default=0, help="S > 0: add a loss on S x S cell targets.")
     ] = None,
     local_weight: Annotated[float | None, _opt("--local-weight", default=1.0, help="Weight of that loss.")] = None,
+    target_temperature: Annotated[
+        float | None,
+        _opt(
+            "--target-temperature",
+            metavar="T",
+            default=1.0,
+            help="Relabel targets = softmax(pooled logits / T); T < 1 sharpens the near-uniform targets of a "
+            "teacher with small logits (1: the official targets; see `stats --target-temperature`).",
+        ),
+    ] = None,
+    class_map: Annotated[
+        Path | None,
+        _opt(
+            "--class-map",
+            metavar="FILE",
+            help="TSV 'folder<TAB>teacher class' (id, name or index) for class folders not named by a teacher "
+            "class id.",
+        ),
+    ] = None,
     workers: Annotated[
         int | None, _opt("--workers", "-j", default=8, help="Loader processes per training process.")
     ] = None,
@@ -76,6 +95,10 @@ def train_command(
     ] = None,
 ) -> None:
     """Train a student on DATA with LabelPooling soft targets (or the original labels).
+
+    With relabel targets, N class folders that are N of the teacher's classes (named by their id,
+    e.g. ImageNet wnids, or mapped by --class-map) train an N-way student whose targets keep the
+    teacher's scores of those N classes.
 
     Options given here override the --config recipe, whose keys default to the values shown. Run
     under `torchrun --nproc-per-node N` for data-parallel training (rank 0 writes
