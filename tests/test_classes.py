@@ -23,6 +23,7 @@ from trt_relabel.classes import (
     read_class_names,
     student_classes,
 )
+from trt_relabel.cli import main
 from trt_relabel.data import TrainBatch
 from trt_relabel.errors import RelabelError
 from trt_relabel.images import list_images
@@ -32,12 +33,22 @@ from trt_relabel.targets import cutmix_relabel_targets, local_targets, relabel_t
 from trt_relabel.trainer import TrainConfig, batch_targets, train
 from trt_relabel.visualize import store_stats
 
-CLI = Path(sys.executable).parent / "trt-relabel"
 TABBY, ESPRESSO, SPACE_SHUTTLE = "n02123045", "n07920052", "n04266014"  # ImageNet classes 281, 967, 812
 
 
-def run_cli(*args: str | Path) -> subprocess.CompletedProcess:
-    return subprocess.run([CLI, *map(str, args)], capture_output=True, text=True, timeout=300)
+@pytest.fixture
+def run_cli(monkeypatch, capfd):
+    """The CLI in this process (no interpreter start per command): args -> CompletedProcess with
+    the exit code, stdout and stderr."""
+
+    def run(*args: str | Path) -> subprocess.CompletedProcess:
+        monkeypatch.setattr(sys, "argv", ["trt-relabel", *map(str, args)])
+        with pytest.raises(SystemExit) as exit_info:
+            main()
+        captured = capfd.readouterr()
+        return subprocess.CompletedProcess(args, exit_info.value.code or 0, captured.out, captured.err)
+
+    return run
 
 
 def write(path: Path, text: str) -> Path:
@@ -213,7 +224,7 @@ def test_training_on_three_of_ten_teacher_classes_trains_a_three_way_student(
     assert result.metrics[0]["val_top1"] is not None
 
 
-def test_folders_that_are_no_teacher_class(image_folder, tmp_path, capsys):
+def test_folders_that_are_no_teacher_class(image_folder, tmp_path, run_cli):
     store = build_store(image_folder, tmp_path / "store", classes=None)  # teacher ids '0'..'9'
     assert {s.class_index for s in LabelStore(store).samples} == {-1}
     with pytest.raises(RelabelError, match=r"--label-mode relabel\+original: 3 class folders \('cat', 'coffee', "
@@ -221,9 +232,9 @@ def test_folders_that_are_no_teacher_class(image_folder, tmp_path, capsys):
                        r"with the teacher's; pass --class-map FILE"):  # fmt: skip
         train(tiny(image_folder, store, tmp_path / "mixed", label_mode="relabel+original"))
     # relabel alone: the student learns the teacher's 10 classes, and says so.
-    command = [CLI, "train", "--data", image_folder, "--labels", store, "--out", tmp_path / "run", "--model",
-               "resnet18", "--epochs", "1", "--batch-size", "4", "--image-size", "32", "--workers", "0"]  # fmt: skip
-    done = subprocess.run(list(map(str, command)), capture_output=True, text=True, timeout=300)
+    done = run_cli("train", "--data", image_folder, "--labels", store, "--out", tmp_path / "run",
+                   "--model", "resnet18", "--epochs", "1", "--batch-size", "4", "--image-size", "32",
+                   "--workers", "0")  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert "are no class of the teacher test-teacher" in done.stderr and "learns all 10 classes" in done.stderr
     assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["model"]["fc.weight"].shape[0] == 10
@@ -238,7 +249,7 @@ def test_folders_that_are_no_teacher_class(image_folder, tmp_path, capsys):
 
 
 def test_stats_report_target_sharpness_unmapped_folders_and_the_class_map(
-    image_folder, shuffled_teacher_store, tmp_path
+    image_folder, shuffled_teacher_store, tmp_path, run_cli
 ):
     unmapped = build_store(image_folder, tmp_path / "store", classes=None)
     stats = store_stats(LabelStore(unmapped))
@@ -282,7 +293,7 @@ def three_photos(image_folder, tmp_path) -> Path:
     return data
 
 
-def test_generate_writes_teacher_classes_of_wnid_folders(three_photos, bundled_graphs, tmp_path):
+def test_generate_writes_teacher_classes_of_wnid_folders(three_photos, bundled_graphs, tmp_path, run_cli):
     engines = bundled_graphs.fp32.parent
     common = ["--backend", "onnxruntime", "--engines-dir", engines, "--workers", "0"]
     done = run_cli("generate", three_photos, "--out", tmp_path / "store", *common)
@@ -340,7 +351,7 @@ def fine_tune(image_folder: Path, path: Path, steps: int = 40) -> None:
     torch.save(model.state_dict(), path)
 
 
-def test_fine_tuned_teacher_end_to_end(image_folder, tmp_path):
+def test_fine_tuned_teacher_end_to_end(image_folder, tmp_path, run_cli):
     fine_tune(image_folder, tmp_path / "my.pth")
     names = write(tmp_path / "names.txt", "cat\ttabby cat\ncoffee\tespresso\nuniform\tuniform\n")
     teacher = ["--teacher", "timm:test_resnet", "--checkpoint", tmp_path / "my.pth", "--size", "64", "--topk", "2"]
@@ -374,3 +385,18 @@ def test_fine_tuned_teacher_end_to_end(image_folder, tmp_path):
     assert done.returncode == 0, done.stderr
     checkpoint = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
     assert checkpoint["model"]["fc.weight"].shape[0] == 3 and checkpoint["classes"] == ["cat", "coffee", "uniform"]
+
+
+def test_merge_keeps_the_teachers_classes_and_refuses_other_ones(image_folder, shuffled_teacher_store, tmp_path):
+    from test_data import TEACHER_CLASSES
+
+    from trt_relabel.interop import merge_stores
+
+    other = build_store(image_folder, tmp_path / "other", classes=TEACHER_CLASSES)
+    with pytest.raises(RelabelError, match=r"class 2 is 'coffee', in .* 'c2': the teachers have different classes"):
+        merge_stores([shuffled_teacher_store, other], tmp_path / "merged")
+    twin = shutil.copytree(shuffled_teacher_store, tmp_path / "twin")
+    merge_stores([shuffled_teacher_store, twin], tmp_path / "merged")
+    merged = LabelStore(tmp_path / "merged")
+    assert merged.manifest["class_ids"] == LabelStore(shuffled_teacher_store).manifest["class_ids"]
+    assert merged.samples == LabelStore(shuffled_teacher_store).samples

@@ -180,9 +180,9 @@ def map_folder_classes(
     with the teacher's class index of their folder instead (see :func:`folder_classes`); entries
     without a class folder keep -1. Returns the entries and the sorted folders that are no class
     of the teacher (their entries get -1)."""
-    folders = {folder_of(e) for e in entries} - {None}
-    mapping = folder_classes(folders, classes, class_map)
-    mapped = [replace(e, class_index=mapping[folder_of(e)]) if folder_of(e) else e for e in entries]
+    folders = [folder_of(e) for e in entries]
+    mapping = folder_classes(set(folders) - {None}, classes, class_map)
+    mapped = [e if f is None else ImageEntry(e.path, mapping[f]) for e, f in zip(entries, folders, strict=True)]
     return mapped, sorted(folder for folder, index in mapping.items() if index < 0)
 
 
