@@ -29,7 +29,7 @@ from trt_relabel.audit import (
     confused_pairs,
     error_order,
 )
-from trt_relabel.classes import class_names
+from trt_relabel.classes import default_classes
 from trt_relabel.images import ImageEntry
 from trt_relabel.store import LabelStore, StoreSpec, create_store
 
@@ -211,7 +211,7 @@ def test_chunks_give_the_whole_store_result(rule_store):
 
 def test_class_table_and_confused_pairs(rule_store):
     table = audit_table(LabelStore(rule_store))
-    names = class_names(NUM_CLASSES)
+    names = list(default_classes(NUM_CLASSES).names)
     rows = {r["index"]: r for r in class_rows(table, names)}
     assert sorted(rows) == [3, 4, 5, 6, 7]
     assert rows[3] == {

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from trt_relabel.classes import class_names
+from trt_relabel.classes import store_classes
 from trt_relabel.errors import RelabelError, UsageError
 from trt_relabel.fileio import atomic_file
 from trt_relabel.interop import ProgressCallback
@@ -311,7 +311,7 @@ def write_csv(table: AuditTable, store: LabelStore, path: Path, order: np.ndarra
     """audit.csv (columns :data:`CSV_COLUMNS`), lines in `order` (positions in `table`), written
     TEXT_CHUNK lines at a time (sample paths as samples.tsv keeps them: UTF-8, undecodable bytes
     as they are)."""
-    names = class_names(store.num_classes)
+    names = list(store_classes(store).names)
     with atomic_file(path) as raw:
         text = io.TextIOWrapper(raw, encoding="utf-8", errors="surrogateescape", newline="")
         writer = csv.writer(text)
@@ -439,7 +439,7 @@ def gallery_items(
     """The gallery entries of the rows at `positions` of `table` (in that order)."""
     if not len(positions):
         return []
-    names = class_names(store.num_classes)
+    names = list(store_classes(store).names)
     rows = table.rows[positions]
     values, indices = store.gather(rows)
     targets = soft_targets(values, indices, np.tile(FULL_BOX, (len(rows), 1)), store.num_classes)
@@ -483,7 +483,7 @@ def build_page(
     store: LabelStore, table: AuditTable, summary: AuditSummary, rules: AuditRules, data, top: int
 ) -> ReportPage:
     """The content of index.html."""
-    names = class_names(store.num_classes)
+    names = list(store_classes(store).names)
     s = summary
     sizes = np.diff(table.present_offsets)
     suspects = error_order(table)

@@ -139,6 +139,12 @@ def classes_from_metadata(metadata: dict, num_classes: int) -> ClassList:
     return ClassList(tuple(ids), tuple(names))
 
 
+def store_classes(store) -> ClassList:
+    """The classes of a label store's teacher (a LabelStore: its manifest's own list, else the
+    default classes of its number of classes)."""
+    return classes_from_metadata(store.manifest, store.num_classes)
+
+
 def read_class_map(path: str | Path, classes: ClassList) -> dict[str, int]:
     """``--class-map``: a two-column TSV, ``folder<TAB>teacher class`` per line (blank lines and
     '#' comments skipped), where the teacher class is its id (e.g. a wnid), its name or its index.

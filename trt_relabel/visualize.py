@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from trt_relabel.classes import ClassList, classes_from_metadata, read_class_map
+from trt_relabel.classes import read_class_map, store_classes
 from trt_relabel.errors import RelabelError, UsageError
 from trt_relabel.images import ImageLoadError, load_rgb
 from trt_relabel.interop import ProgressCallback
@@ -67,11 +67,6 @@ def sample_classes(store: LabelStore, class_map: str | Path | None = None) -> np
             if sep and folder in mapping:
                 classes[row] = mapping[folder]
     return classes
-
-
-def store_classes(store: LabelStore) -> ClassList:
-    """The classes of the store's teacher (its manifest's own list, else the default classes)."""
-    return classes_from_metadata(store.manifest, store.num_classes)
 
 
 @dataclass(frozen=True)

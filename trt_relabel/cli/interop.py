@@ -190,8 +190,9 @@ def show_command(
 ) -> None:
     """Draw an image with its label map (top-1 class per cell as colours, legend with class
     names), the --box outline and the top-5 classes of its soft target (LabelPooling + softmax)."""
+    from trt_relabel.classes import store_classes
     from trt_relabel.store import LabelStore
-    from trt_relabel.visualize import figure_format, locate_image, show_label_map, store_classes
+    from trt_relabel.visualize import figure_format, locate_image, show_label_map
 
     kind = figure_format(out)
     store = LabelStore(labels)
