@@ -393,7 +393,7 @@ def test_merge_keeps_the_teachers_classes_and_refuses_other_ones(image_folder, s
     from trt_relabel.interop import merge_stores
 
     other = build_store(image_folder, tmp_path / "other", classes=TEACHER_CLASSES)
-    with pytest.raises(RelabelError, match=r"class 2 is 'coffee', in .* 'c2': the teachers have different classes"):
+    with pytest.raises(RelabelError, match=r"other: class 0 is 'cat', in .* 'c0': the teachers have different classes"):
         merge_stores([shuffled_teacher_store, other], tmp_path / "merged")
     twin = shutil.copytree(shuffled_teacher_store, tmp_path / "twin")
     merge_stores([shuffled_teacher_store, twin], tmp_path / "merged")
