@@ -147,9 +147,13 @@ def test_temperature_one_is_todays_target_bit_for_bit_and_lower_sharpens():
     boxes = torch.tensor([[0.0, 0.0, 1.0, 1.0], [0.1, 0.2, 0.7, 0.9], [0.5, 0.0, 1.0, 0.5], [0.0, 0.3, 0.4, 1.0]])
     pooled = label_pooling(values, indices, boxes, NUM_CLASSES)
     assert torch.equal(relabel_targets(values, indices, boxes, NUM_CLASSES, temperature=1.0), soft_target(pooled))
-    cells = soft_target(label_pooling(values, indices, boxes, NUM_CLASSES, output_size=2))
     flipped = torch.tensor([False, True, False, True])
-    assert torch.equal(local_targets(values, indices, boxes, torch.zeros(4, dtype=torch.bool), NUM_CLASSES, 2), cells)
+    # Cell targets (computed sparsely): the same temperature and subset, up to rounding.
+    subset = torch.tensor([3, 0, 7, 1])
+    cells = local_targets(values, indices, boxes, torch.zeros(4, dtype=torch.bool), NUM_CLASSES, 2,
+                          classes=subset, temperature=0.5)  # fmt: skip
+    pooled_cells = label_pooling(values, indices, boxes, NUM_CLASSES, output_size=2)
+    torch.testing.assert_close(cells.dense(), torch.softmax(pooled_cells[:, subset] / 0.5, dim=1))
 
     sharp = relabel_targets(values, indices, boxes, NUM_CLASSES, temperature=0.5)
     torch.testing.assert_close(sharp, torch.softmax(pooled * 2, dim=1))
@@ -183,8 +187,8 @@ def test_subset_targets_keep_the_scores_of_the_students_classes_before_the_softm
     )
     mixed, cells = batch_targets(batch, TrainConfig(label_mode="relabel+original", local_labels=2), 10, None, subset)
     torch.testing.assert_close(mixed, (targets + torch.eye(3)[[1, 2]]) / 2)
-    assert cells.shape == (2, 3, 2, 2)
-    torch.testing.assert_close(cells[:, :, 0, 0], targets)  # uniform maps: every cell is the whole-image target
+    assert cells.dense().shape == (2, 3, 2, 2)
+    torch.testing.assert_close(cells.dense()[:, :, 0, 0], targets)  # uniform maps: each cell = the whole image
     from trt_relabel.targets import CutMix
 
     cutmix = CutMix(perm=torch.tensor([1, 0]), rect=(0, 0, 4, 8), size=8)
