@@ -30,7 +30,8 @@ from store_read import build_random_store
 
 from trt_relabel.data import TrainBatch
 from trt_relabel.store import LabelStore
-from trt_relabel.trainer import Student, TrainConfig, batch_targets, build_optimizer, create_student, train_step
+from trt_relabel.train_config import TrainConfig
+from trt_relabel.trainer import Student, batch_targets, build_optimizer, create_student, train_step
 
 
 def random_batch(batch: int, size: int, rng: np.random.Generator) -> TrainBatch:

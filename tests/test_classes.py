@@ -30,7 +30,8 @@ from trt_relabel.images import list_images
 from trt_relabel.pooling import label_pooling, soft_target
 from trt_relabel.store import LabelStore
 from trt_relabel.targets import cutmix_relabel_targets, local_targets, relabel_targets
-from trt_relabel.trainer import TrainConfig, batch_targets, train
+from trt_relabel.train_config import TrainConfig
+from trt_relabel.trainer import batch_targets, train
 from trt_relabel.visualize import store_stats
 
 TABBY, ESPRESSO, SPACE_SHUTTLE = "n02123045", "n07920052", "n04266014"  # ImageNet classes 281, 967, 812

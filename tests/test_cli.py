@@ -69,7 +69,7 @@ def test_help_follows_the_click_conventions(helps):
 
 def test_train_help_shows_the_recipe_defaults(helps):
     """Every `[default: X]` of train's help is TrainConfig's default (the options override a recipe)."""
-    from trt_relabel.trainer import TrainConfig
+    from trt_relabel.train_config import TrainConfig
 
     shown = dict(re.findall(r"--([a-z-]+)[^\n]*?\[default: ([^\]]+)\]", helps["train"]))
     assert {"model", "epochs", "batch-size", "image-size", "lr", "label-mode", "workers"} <= set(shown)

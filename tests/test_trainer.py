@@ -24,14 +24,8 @@ from trt_relabel.pooling import label_pooling
 from trt_relabel.shards import FolderInputs
 from trt_relabel.store import LabelStore
 from trt_relabel.targets import CutMix, cutmix_relabel_targets, local_targets, soft_cross_entropy
-from trt_relabel.trainer import (
-    Student,
-    TrainConfig,
-    batch_targets,
-    create_student,
-    load_config,
-    train,
-)
+from trt_relabel.train_config import TrainConfig, load_config
+from trt_relabel.trainer import Student, batch_targets, create_student, train
 
 REPO = Path(__file__).resolve().parents[1]
 CLI = Path(sys.executable).parent / "trt-relabel"
@@ -332,14 +326,15 @@ DYING_TRAIN = """
 import os, signal, sys
 from trt_relabel import trainer
 from trt_relabel.cli import main
+from trt_relabel.fileio import atomic_file
 
 def save_and_die(path, state):
-    with trainer.atomic_file(path) as f:
+    with atomic_file(path) as f:
         f.write(b"half a checkpoint")
         f.flush()
         os.kill(os.getpid(), signal.SIGKILL)
 
-trainer._save_checkpoint = save_and_die
+trainer.save_checkpoint = save_and_die
 main()
 """
 

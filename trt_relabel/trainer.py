@@ -21,20 +21,26 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import time
-import tomllib
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import timm
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from timm.data import resolve_data_config
 from torch import Tensor, nn
 
+from trt_relabel.checkpoint import (
+    CHECKPOINT,
+    METRICS,
+    keep_metrics_until,
+    load_checkpoint,
+    restore_checkpoint,
+    rng_state,
+    save_checkpoint,
+)
 from trt_relabel.classes import unmapped_advice
 from trt_relabel.data import (
     EvalBatch,
@@ -51,8 +57,9 @@ from trt_relabel.data import (
     student_real_labels,
     trainable_rows,
 )
+from trt_relabel.distributed import Process, process_group
 from trt_relabel.errors import RelabelError, UsageError
-from trt_relabel.fileio import atomic_file, remove_stale
+from trt_relabel.fileio import remove_stale
 from trt_relabel.targets import (
     CellTargets,
     CutMix,
@@ -64,147 +71,12 @@ from trt_relabel.targets import (
     soft_cross_entropy,
 )
 from trt_relabel.terminal import warning
+from trt_relabel.train_config import AMP_DTYPES, TrainConfig
+from trt_relabel.train_config import load_config as load_config  # the public API: trt_relabel.trainer.load_config
 
-LABEL_MODES = ("relabel", "original", "smooth", "relabel+original")
-AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
-CHECKPOINT = "checkpoint.pt"
 #: Steps between looks at the loss for NaN / inf (each a host sync, and an all-reduce under torchrun).
 LOSS_CHECK_STEPS = 10
 LOSS_REFRESH_SECONDS = 0.5  # how often the progress bar shows the epoch's mean loss so far
-METRICS = "metrics.jsonl"
-
-
-@dataclass
-class TrainConfig:
-    """Everything a run depends on (a TOML recipe holds any of these keys). Defaults: the paper's
-    ResNet-50 ReLabel recipe.
-
-    `batch_size` is the global batch (split over the torchrun processes) and `lr` the peak learning
-    rate for it; `warmup_epochs` may be fractional. `smoothing` is used by label_mode "smooth".
-    `cutmix` is the probability of CutMix per batch, `cutmix_beta` its Beta parameter.
-    `local_labels` = S > 0 adds the per-cell loss on S x S cells, weighted by `local_weight`.
-    `target_temperature` T: relabel targets are the softmax of the pooled logits / T (1: the
-    official targets). `class_map`: TSV mapping class folders to teacher classes
-    (trt_relabel.classes.read_class_map).
-    `crop_scale` is RandomResizedCrop's range of area fractions; `crop_pct` the validation centre
-    crop's share of the resized short side. `workers` are loader processes per training process.
-    `amp` (CUDA only) uses `amp_dtype` "bfloat16" or "float16" (with a GradScaler).
-    """
-
-    data: Path | None = None
-    out: Path | None = None
-    labels: Path | None = None
-    model: str = "resnet50"
-    epochs: int = 300
-    batch_size: int = 1024
-    image_size: int = 224
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    warmup_epochs: float = 5.0
-    label_mode: str = "relabel"
-    smoothing: float = 0.1
-    cutmix: float = 0.0
-    cutmix_beta: float = 1.0
-    local_labels: int = 0
-    local_weight: float = 1.0
-    target_temperature: float = 1.0
-    class_map: Path | None = None
-    crop_scale: tuple[float, float] = (0.08, 1.0)
-    color_jitter: float = 0.4
-    interpolation: str = "bilinear"
-    crop_pct: float = 0.875
-    val: Path | None = None
-    real_labels: Path | None = None
-    workers: int = 8
-    amp: bool = True
-    amp_dtype: str = "bfloat16"
-    compile: bool = False
-    channels_last: bool = False
-    seed: int = 0
-    resume: bool = False
-
-    def to_dict(self) -> dict:
-        """JSON- and torch.load(weights_only=True)-safe: paths as str, tuples as lists."""
-        return {
-            k: str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v
-            for k, v in asdict(self).items()
-        }
-
-    def validate(self) -> None:
-        """Raise UsageError (one line) for missing or out-of-range settings."""
-        problems = [
-            (self.data is None, "--data DIR is required"),
-            (self.out is None, "--out RUN_DIR is required"),
-            (self.label_mode not in LABEL_MODES, f"label_mode must be one of {', '.join(LABEL_MODES)}"),
-            (self.labels is None and "relabel" in self.label_mode, f"label_mode {self.label_mode} needs --labels"),
-            (self.epochs < 1 or self.batch_size < 1, "epochs and batch_size must be >= 1"),
-            (self.image_size < 8, "image_size must be >= 8"),
-            (
-                self.lr <= 0 or self.warmup_epochs < 0 or self.weight_decay < 0,
-                "lr must be > 0, warmup_epochs and weight_decay >= 0",
-            ),
-            (not 0 <= self.cutmix <= 1 or self.cutmix_beta <= 0, "cutmix must be a probability, cutmix_beta > 0"),
-            (self.local_labels < 0 or self.local_weight < 0, "local_labels and local_weight must be >= 0"),
-            (not self.target_temperature > 0, "target_temperature must be > 0"),
-            (self.class_map is not None and "relabel" not in self.label_mode, "class_map needs a relabel label_mode"),
-            (self.local_labels > 0 and "relabel" not in self.label_mode, "local_labels needs a relabel label_mode"),
-            (not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1, "crop_scale must be 0 < min <= max <= 1"),
-            (self.real_labels is not None and self.val is None, "--real-labels needs --val"),
-            (self.amp_dtype not in AMP_DTYPES, f"amp_dtype must be one of {', '.join(AMP_DTYPES)}"),
-            (
-                not 0 <= self.smoothing < 1 or not 0 < self.crop_pct <= 1,
-                "smoothing must lie in [0, 1), crop_pct in (0, 1]",
-            ),
-            (self.workers < 0, "workers must be >= 0"),
-        ]
-        for failed, message in problems:
-            if failed:
-                raise UsageError(f"train config: {message}")
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-def _coerce(name: str, kind: str, value: object, source: str) -> object:
-    """A config value checked against its field's annotation (a string: `from __future__`)."""
-    if value is None and kind.endswith("| None"):
-        return None
-    base = kind.removesuffix(" | None")
-    if base == "Path" and isinstance(value, str | Path):
-        return Path(value)
-    if base == "float" and _is_number(value):
-        return float(value)
-    if base == "int" and _is_number(value) and isinstance(value, int):
-        return value
-    if (base == "bool" and isinstance(value, bool)) or (base == "str" and isinstance(value, str)):
-        return value
-    pair = isinstance(value, list | tuple) and len(value) == 2
-    if base == "tuple[float, float]" and pair and all(_is_number(v) for v in value):
-        return (float(value[0]), float(value[1]))
-    raise RelabelError(f"{source}: {name} must be {base}, got {value!r}")
-
-
-def load_config(path: str | Path | None = None, **overrides: object) -> TrainConfig:
-    """A TrainConfig from the TOML file `path` (keys = TrainConfig fields), then `overrides`
-    (the command-line options given). Unknown keys and wrong types raise a one-line RelabelError."""
-    values: dict = {}
-    if path is not None:
-        try:
-            values = tomllib.loads(Path(path).read_text())
-        except OSError as e:
-            raise RelabelError(f"{path}: cannot read the config ({e.strerror})") from None
-        except tomllib.TOMLDecodeError as e:
-            raise RelabelError(f"{path}: not valid TOML ({e})") from None
-    kinds = {f.name: str(f.type) for f in fields(TrainConfig)}
-    for source, given in ((path, values), ("options", overrides)):
-        unknown = sorted(set(given) - set(kinds))
-        if unknown:
-            raise RelabelError(f"{source}: unknown key {unknown[0]!r} (known: {', '.join(kinds)})")
-    coerced = {k: _coerce(k, kinds[k], v, str(path)) for k, v in values.items()}
-    coerced.update({k: _coerce(k, kinds[k], v, "option") for k, v in overrides.items()})
-    return TrainConfig(**coerced)
 
 
 @dataclass
@@ -321,105 +193,6 @@ def warmup_cosine(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-# --- processes -----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Process:
-    """This process in the run: rank, world size, device (cuda:LOCAL_RANK when CUDA is there)."""
-
-    rank: int
-    world_size: int
-    device: torch.device
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def sum(self, values: list[float]) -> list[float]:
-        """Sum of `values` over the processes (all-reduce)."""
-        tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
-        if self.world_size > 1:
-            dist.all_reduce(tensor)
-        return tensor.tolist()
-
-    def gather(self, obj: object) -> list[object]:
-        """`obj` of every process, in rank order."""
-        if self.world_size == 1:
-            return [obj]
-        out: list[object] = [None] * self.world_size
-        dist.all_gather_object(out, obj)
-        return out
-
-
-@contextlib.contextmanager
-def _process_group():
-    """The Process of this run; under torchrun (WORLD_SIZE > 1) joins the process group (nccl on
-    CUDA, gloo on CPU) for the duration."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    joined = world_size > 1 and not dist.is_initialized()
-    if joined:
-        dist.init_process_group("nccl" if cuda else "gloo")
-    try:
-        yield Process(dist.get_rank() if world_size > 1 else 0, world_size, device)
-    finally:
-        if joined:
-            dist.destroy_process_group()
-
-
-# --- checkpoints ---------------------------------------------------------------------------------
-
-
-def _rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
-
-
-def _save_checkpoint(path: Path, state: dict) -> None:
-    with atomic_file(path) as f:
-        torch.save(state, f)
-
-
-def _load_checkpoint(path: Path, device: torch.device) -> dict:
-    if not path.is_file():
-        raise RelabelError(f"{path}: no checkpoint to resume from")
-    try:
-        return torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is one expected failure
-        raise RelabelError(
-            f"{path}: cannot load the checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})"
-        ) from None
-
-
-def _restore(checkpoint: dict, path: Path, model: nn.Module, optimizer, scheduler, scaler, process: Process) -> int:
-    """Load the training state of `checkpoint` into the live objects; returns the epochs done."""
-    try:
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-    except (RuntimeError, ValueError, KeyError) as e:
-        raise RelabelError(f"{path}: does not fit this model ({str(e).splitlines()[0]})") from None
-    scheduler.load_state_dict(checkpoint["scheduler"])
-    for group, base_lr, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True):
-        group["lr"] = base_lr * factor(scheduler.last_epoch)  # this run's schedule: --epochs may have changed
-    scaler.load_state_dict(checkpoint["scaler"])
-    states = checkpoint["rng"]
-    if len(states) == process.world_size:
-        torch.set_rng_state(states[process.rank]["torch"].cpu())
-        if states[process.rank]["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state(states[process.rank]["cuda"].cpu())
-    return int(checkpoint["epoch"])
-
-
-def _keep_metrics_until(path: Path, epoch: int) -> None:
-    """Drop the metrics lines of epochs after `epoch` (written before a crash, not checkpointed)."""
-    if path.exists():
-        lines = [line for line in path.read_text().splitlines() if line.strip()]
-        path.write_text("".join(line + "\n" for line in lines if json.loads(line)["epoch"] <= epoch))
-
-
 # --- evaluation ----------------------------------------------------------------------------------
 
 
@@ -477,7 +250,7 @@ def train(config: TrainConfig, console=None) -> TrainResult:
     `console` (a rich Console) shows a progress bar and warnings on rank 0; None keeps quiet.
     Expected failures raise RelabelError (UsageError for bad settings)."""
     config.validate()
-    with _process_group() as process:
+    with process_group() as process:
         return _train(config, process, console if process.is_main else None)
 
 
@@ -549,15 +322,15 @@ def _train(config: TrainConfig, process: Process, console) -> TrainResult:
     checkpoint_path, metrics_path = run_dir / CHECKPOINT, run_dir / METRICS
     start_epoch = 0
     if config.resume:
-        checkpoint = _load_checkpoint(checkpoint_path, process.device)
-        start_epoch = _restore(checkpoint, checkpoint_path, model, optimizer, scheduler, scaler, process)
+        checkpoint = load_checkpoint(checkpoint_path, process.device)
+        start_epoch = restore_checkpoint(checkpoint, checkpoint_path, model, optimizer, scheduler, scaler, process)
     elif checkpoint_path.exists():
         raise RelabelError(f"{run_dir}: already holds a run; pass --resume to continue it or choose another --out")
     if process.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         remove_stale(run_dir, f".{CHECKPOINT}.", ".tmp")  # a checkpoint half-written by a killed run
         if config.resume:
-            _keep_metrics_until(metrics_path, start_epoch)
+            keep_metrics_until(metrics_path, start_epoch)
         else:
             metrics_path.write_text("")
 
@@ -597,7 +370,7 @@ def _train(config: TrainConfig, process: Process, console) -> TrainResult:
             _warn_unreadable(console, line, unreadable)
             line["img_per_s"] = total_images / train_time
             line["time"] = time.perf_counter() - started
-            rng = process.gather(_rng_state())
+            rng = process.gather(rng_state())
             if process.is_main:
                 with metrics_path.open("a") as f:
                     f.write(json.dumps(line) + "\n")
@@ -611,7 +384,7 @@ def _train(config: TrainConfig, process: Process, console) -> TrainResult:
                     "classes": list(run_data.classes.names),
                     "rng": rng,
                 }
-                _save_checkpoint(checkpoint_path, state)
+                save_checkpoint(checkpoint_path, state)
             progress.remove_task(task)
             if console is not None:
                 console.print(_summary(line))

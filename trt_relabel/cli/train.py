@@ -108,7 +108,8 @@ def train_command(
     given = {
         name: value for name, value in locals().items() if name not in ("config", "img_size") and value is not None
     }
-    from trt_relabel.trainer import load_config, train
+    from trt_relabel.train_config import load_config
+    from trt_relabel.trainer import train
 
     result = train(load_config(config, **given), console=console)
     if result.rank != 0:
