@@ -96,6 +96,9 @@ def test_version_and_dash_h(monkeypatch, capsys):
         ("generate", "data", "--out", "s", "--size", "16"),
         ("generate", "data", "--out", "s", "--batch-size", "0"),
         ("build-engine", "--topk", "0"),
+        ("generate", "data", "--out", "s", "--device", "gpu1"),
+        ("build-engine", "--device", "cuda:x"),
+        ("bench", "data", "--device", "cuda:"),
         ("merge", "a", "b", "--out", "m", "--topk", "0"),
     ],
 )
@@ -109,6 +112,12 @@ def test_option_range_errors_exit_2_before_heavy_imports(args, tmp_path):
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert done.stdout.split() == ["2", "False"], done.stderr
     assert "Invalid value" in done.stderr
+
+
+def test_build_engine_refuses_the_cpu_device(monkeypatch, capsys, tmp_path):
+    code, _, err = run_main(monkeypatch, capsys, "build-engine", "--device", "cpu", "--engines-dir", tmp_path / "e")
+    assert code == 2 and err.count("\n") == 1 and "builds on a CUDA GPU" in err, err
+    assert not (tmp_path / "e").exists()
 
 
 @pytest.mark.parametrize(

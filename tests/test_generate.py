@@ -105,6 +105,21 @@ def test_image_folder_labels(reference, image_folder):
             assert top[0] in CAT_CLASSES, sample.path
 
 
+def test_device_option(reference, image_folder, engines, tmp_path, monkeypatch, capfd):
+    """--device cpu labels on the CPU what the default run labelled; a GPU device without CUDA, or cpu
+    with the GPU-only backend, is one line and no store."""
+    code, err = run_main(monkeypatch, capfd, cli_args(image_folder, tmp_path / "cpu", engines, "--device", "cpu"))
+    assert code == 0, err
+    assert_same_store(reference, tmp_path / "cpu")
+    refused = [(["--device", "cpu", "--backend", "tensorrt"], 2, "--device cpu cannot be combined with --backend")]
+    if not torch.cuda.is_available():
+        refused.append((["--device", "cuda:0"], 1, "device cuda:0: no CUDA GPU is available here"))
+    for extra, exit_code, message in refused:
+        code, err = run_main(monkeypatch, capfd, cli_args(image_folder, tmp_path / "refused", engines, *extra))
+        assert (code, err.count("error:")) == (exit_code, 1) and message in err and "Traceback" not in err, err
+        assert not (tmp_path / "refused").exists()
+
+
 def test_flat_folder(reference, image_folder, engines, tmp_path):
     """The same picture gets the same labels whatever the layout; rows follow the sorted paths."""
     reference_store = LabelStore(reference)

@@ -237,7 +237,7 @@ def audit_table(
     rules = rules or AuditRules()
     rules.check()
     labelled = np.flatnonzero(store.status() == LABELLED)
-    all_labels = np.fromiter((s.class_index for s in store.samples), np.int64, len(store))
+    all_labels = store.samples.classes  # int64 [N], -1: no folder class (no path decoded)
     audited, left_out, chunks, pairs = [], [], [], []
     with _one_torch_thread():
         for start in range(0, len(labelled), chunk_rows):

@@ -251,6 +251,14 @@ def parse_device(device: str | None) -> int | None:
     return target.index
 
 
+def resolve_gpu(device: str | None) -> int | None:
+    """:func:`parse_device`, and a BackendError when `device` asks for CUDA where there is none."""
+    gpu = parse_device(device)
+    if device not in (None, "cpu") and not cuda_available():
+        raise BackendError(f"device {device}: no CUDA GPU is available here")
+    return gpu
+
+
 def graph_may_continue(store_graph: str, backend: Backend) -> bool:
     """One store, one teacher: may `backend` label more rows of a store whose manifest names the graph
     `store_graph` (its teacher hash already matched)? Yes when it runs that graph, the other precision
@@ -282,9 +290,10 @@ def open_backend(
 
     kind: "auto" | "onnxruntime" | "torch" | "tensorrt". precision: "fp32" | "fp16" (default fp32
     on CPU, fp16 on a GPU). device: "cpu", "cuda", "cuda:1", ... (default: the current CUDA device
-    when present); TensorRT builds and runs on that GPU, ONNX Runtime's GPU providers take its index
-    ("cpu": ONNX Runtime on the CPU). max_batch: the largest batch of the TensorRT profiles (ours and
-    ONNX Runtime's TensorRT provider's). compile (torch backend): `torch.compile` the teacher.
+    when present; a CUDA device asked without CUDA is a BackendError); TensorRT builds and runs on
+    that GPU, ONNX Runtime's GPU providers take its index ("cpu": ONNX Runtime on the CPU).
+    max_batch: the largest batch of the TensorRT profiles (ours and ONNX Runtime's TensorRT
+    provider's). compile (torch backend): `torch.compile` the teacher.
     classes: the teacher's own classes (a teacher fine-tuned on them; see
     :func:`trt_relabel.export.prepare_teacher`).
     """
@@ -294,7 +303,7 @@ def open_backend(
     missing = tensorrt_missing() if resolved == "tensorrt" else None
     if missing:
         raise BackendError(f"the tensorrt backend needs TensorRT and a CUDA GPU; {missing} is missing here")
-    gpu = parse_device(device)
+    gpu = resolve_gpu(device)
     if resolved == "tensorrt" and gpu is None:
         raise BackendError("the tensorrt backend runs on a CUDA GPU, not on device cpu")
     graphs = build_graphs(teacher, checkpoint, size, topk, engines_dir, pretrained=pretrained, log=log, classes=classes)

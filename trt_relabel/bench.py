@@ -24,6 +24,7 @@ from trt_relabel.backends import (
     cuda_available,
     onnxruntime_backend,
     onnxruntime_providers,
+    resolve_gpu,
     tensorrt_importable,
 )
 from trt_relabel.errors import UsageError
@@ -67,10 +68,13 @@ def time_model(backend: Backend, pixels: np.ndarray, batch_size: int, repeats: i
     return repeats * len(pixels) / (time.perf_counter() - start)
 
 
-def model_variants(graphs: BuiltGraphs, prepared: PreparedTeacher, batch_size: int) -> list[tuple[Backend, str | None]]:
-    """(backend, generate kind or None) for each variant available here; the reference comes first."""
+def model_variants(
+    graphs: BuiltGraphs, prepared: PreparedTeacher, batch_size: int, gpu: int | None
+) -> list[tuple[Backend, str | None]]:
+    """(backend, generate kind or None) for each variant available on GPU `gpu` (None: the CPU); the
+    reference comes first."""
     meta = prepared.metadata
-    device = torch.device("cuda" if cuda_available() else "cpu")
+    device = torch.device("cpu") if gpu is None else torch.device("cuda", gpu)
     fp32 = dataclasses.replace(meta, precision="fp32")
     cpu = device.type == "cpu"
     variants: list[tuple[Backend, str | None]] = [
@@ -80,13 +84,12 @@ def model_variants(graphs: BuiltGraphs, prepared: PreparedTeacher, batch_size: i
     if not cpu:
         fp16 = dataclasses.replace(meta, precision="fp16")
         variants.append((TorchBackend(relabel_graph(prepared, "fp16", channels_last=True), fp16, device), "torch"))
-    gpu = None if cpu else torch.cuda.current_device()
     variants.append((onnxruntime_backend(graphs, None, gpu, max(batch_size, 64)), "onnxruntime"))
     if not cpu and tensorrt_importable():
         from trt_relabel.tensorrt_engine import TensorRTBackend, build_engine
 
-        plan = build_engine(graphs.fp16, max_batch=max(batch_size, 64))
-        variants.append((TensorRTBackend(plan, batch_size), "tensorrt"))
+        plan = build_engine(graphs.fp16, max_batch=max(batch_size, 64), device=gpu)
+        variants.append((TensorRTBackend(plan, batch_size, device=gpu), "tensorrt"))
     return variants
 
 
@@ -99,13 +102,16 @@ def run_bench(
     topk: int = 5,
     batch_size: int = 8,
     workers: int | None = None,
+    device: str | None = None,
     limit: int = 64,
     repeats: int = 2,
     engines_dir: str | Path = "engines",
     end_to_end: bool = True,
     log: Callable[[str], None] = print,
 ) -> BenchReport:
-    """Benchmark every backend available here on the first `limit` images of `data`."""
+    """Benchmark every backend available here on the first `limit` images of `data` on `device`
+    ("cpu", "cuda", "cuda:N"; None: the current GPU when CUDA is here, else the CPU)."""
+    gpu = resolve_gpu(device) if device is not None or cuda_available() else None
     entries = find_inputs(data)[:limit]
     if not entries:
         raise UsageError(f"{data}: no images to benchmark")
@@ -118,7 +124,7 @@ def run_bench(
     with tempfile.TemporaryDirectory(prefix="trt-relabel-bench-") as tmp:
         file_list = Path(tmp) / "images.txt"
         file_list.write_text("".join(f"{e.path}\n" for e in entries))
-        for backend, kind in model_variants(graphs, prepared, batch_size):
+        for backend, kind in model_variants(graphs, prepared, batch_size, gpu):
             log(f"model only: {backend.name}")
             rate = time_model(backend, pixels, batch_size, repeats)
             e2e = None
@@ -126,12 +132,12 @@ def run_bench(
                 log(f"end to end: generate --backend {kind}")
                 result = generate(
                     root, Path(tmp) / f"store-{kind}", teacher=teacher, checkpoint=checkpoint, size=size, topk=topk,
-                    backend=kind, batch_size=batch_size, workers=workers, file_list=file_list,
+                    backend=kind, device=device, batch_size=batch_size, workers=workers, file_list=file_list,
                     engines_dir=engines_dir, progress=False,
                 )  # fmt: skip
                 e2e = result.steady_images_per_second
             rows.append(BenchRow(backend.name, rate, e2e, kind))
-    device = torch.cuda.get_device_name() if cuda_available() else f"CPU ({torch.get_num_threads()} threads)"
+    device = torch.cuda.get_device_name(gpu) if gpu is not None else f"CPU ({torch.get_num_threads()} threads)"
     return BenchReport(device, len(entries), batch_size, meta.input_size, rows)
 
 

@@ -331,6 +331,7 @@ def generate(
     size: int | None = None,
     topk: int = 5,
     backend: str = "auto",
+    device: str | None = None,
     batch_size: int = 64,
     workers: int | None = None,
     overwrite: bool = False,
@@ -346,7 +347,9 @@ def generate(
     class_map: str | Path | None = None,
 ) -> GenerateResult:
     """Label the images under `data` (or those of `file_list`) into the store `out`; resume it when
-    it exists. `size`: teacher input side (default: the teacher's). `workers`: decoding processes
+    it exists. `size`: teacher input side (default: the teacher's). `device`: "cpu", "cuda" or
+    "cuda:N" (None: this torchrun rank's GPU, else the backend's default; "cuda:N" is refused
+    under torchrun with several ranks, which each take their local GPU). `workers`: decoding processes
     (default: one per core but one; 0 decodes in this process). `shard=(i, n)`: label only rows
     with row % n == i. `decode="gpu"`: JPEGs are decoded and resized on the GPU (nvJPEG), other
     files on the CPU; not bit-identical to the CPU path (see :mod:`trt_relabel.gpu_decode`).
@@ -375,6 +378,8 @@ def generate(
         raise UsageError(f"--decode {decode!r}: expected cpu or gpu")
     if decode == "gpu" and not torch.cuda.is_available():
         raise UsageError("--decode gpu needs a CUDA GPU; none is available here")
+    if device == "cpu" and (decode == "gpu" or backend == "tensorrt"):
+        raise UsageError("--device cpu cannot be combined with --backend tensorrt or --decode gpu (they run on a GPU)")
     if shard[1] > 1 and overwrite:
         raise UsageError("--overwrite cannot be combined with --shard (a shard would delete the others' work)")
     out = Path(out)
@@ -382,13 +387,16 @@ def generate(
     existing = _check_existing_store(out, Path(data), samples, teacher, size, topk, overwrite, retry_failed, shard)
     if existing is not None:
         samples = existing.samples  # equal to the listed ones (checked); reopening it reuses the parsed table
-    from trt_relabel.backends import open_backend
+    from trt_relabel.backends import open_backend, parse_device
 
     group = _Group()
     rows_lock = contextlib.ExitStack()
     try:
         if group.world > 1 and shard[1] > 1:
             raise UsageError("--shard cannot be combined with torchrun (the ranks already split the rows)")
+        if group.world > 1 and device not in (None, "cpu", "cuda"):
+            raise UsageError(f"--device {device} cannot be combined with torchrun (each rank takes its local GPU)")
+        device = device if device == "cpu" else group.device() or device
         split = (group.rank, group.world) if group.world > 1 else shard
         group.on_every_rank(lambda: _check_not_busy(out, split, len(samples), overwrite))
         show = progress and group.rank == 0
@@ -404,7 +412,7 @@ def generate(
                 size=size,
                 topk=topk,
                 engines_dir=engines_dir,
-                device=group.device(),
+                device=device,
                 max_batch=batch_size,
                 compile=compile,
                 log=log,
@@ -430,7 +438,8 @@ def generate(
         share = f" (rank 0's share; {group.world} ranks)" if group.world > 1 else ""
         log(f"labelling {len(pending)} of {len(samples)} images{share} with {runtime.name} into {out}")
         try:
-            timing = _label_rows(writer, runtime, inputs, samples, pending, batch_size, workers, show, decode)
+            decode_on = torch.device("cuda", parse_device(device)) if decode == "gpu" else None
+            timing = _label_rows(writer, runtime, inputs, samples, pending, batch_size, workers, show, decode_on)
         except KeyboardInterrupt:
             labelled = int((writer.status() == LABELLED).sum())
             raise Interrupted(
@@ -629,14 +638,16 @@ def _label_rows(
     batch_size: int,
     workers: int,
     show: bool,
-    decode: str = "cpu",
+    gpu_decode: torch.device | None = None,
 ) -> _LoopTiming:
     """Decode `rows` in `workers` processes while the teacher labels earlier batches
     (`backend.stream` overlaps transfers and compute where it can); write each batch into the store.
+    `gpu_decode`: the backend's GPU, where JPEGs are decoded (None: every image on the CPU).
     Returns how many rows were labelled or failed, and how long it took."""
     start = time.perf_counter()
     warmup = None
     meta = backend.metadata
+    decode = "cpu" if gpu_decode is None else "gpu"
     dataset = PendingImages(inputs, samples, rows, meta.input_size, meta.interpolation, decode)
     loader = DataLoader(
         dataset, batch_sampler=ramp_batches(len(rows), batch_size), num_workers=workers, collate_fn=collate
@@ -655,7 +666,9 @@ def _label_rows(
                 for row, reason in batch.failures:
                     writer.mark_failed(row, reason)
                 advance(len(batch.failures))
-                labelled, pixels = _on_gpu(batch, inputs, samples, meta, writer, advance) if batch.jpegs else batch[:2]
+                labelled, pixels = (
+                    _on_gpu(batch, gpu_decode, inputs, samples, meta, writer, advance) if batch.jpegs else batch[:2]
+                )
                 if len(labelled):
                     yield labelled, pixels
 
@@ -666,15 +679,22 @@ def _label_rows(
     return _LoopTiming(done, time.perf_counter() - start, warmup or (0, 0.0))
 
 
-def _on_gpu(batch: DecodedBatch, inputs: Inputs, samples: list[ImageEntry], meta, writer: StoreWriter, advance):
-    """Decode the batch's JPEGs on the GPU and join them with its CPU-decoded pixels.
+def _on_gpu(
+    batch: DecodedBatch,
+    device: torch.device,
+    inputs: Inputs,
+    samples: list[ImageEntry],
+    meta,
+    writer: StoreWriter,
+    advance,
+):
+    """Decode the batch's JPEGs on GPU `device` and join them with its CPU-decoded pixels.
 
     Returns (rows int64 [B], pixels uint8 [B, S, S, 3] on the GPU). JPEGs nvJPEG rejects take the CPU
     path here; those that fail there too are marked failed.
     """
     from trt_relabel.gpu_decode import decode_resize_jpegs
 
-    device = torch.device("cuda", torch.cuda.current_device())
     gpu_pixels, rejected = decode_resize_jpegs(batch.jpegs, meta.input_size, meta.interpolation, device)
     rejected = set(rejected)
     gpu_rows = [row for n, row in enumerate(batch.jpeg_rows) if n not in rejected]

@@ -6,6 +6,7 @@ Help follows the conventions of click and argparse tools: placeholders in capita
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -18,7 +19,7 @@ from trt_relabel import __version__
 from trt_relabel.errors import Interrupted, RelabelError
 from trt_relabel.terminal import console
 
-__all__ = ["app", "console", "main", "print_error"]
+__all__ = ["app", "console", "device_argument", "main", "print_error"]
 
 #: Click's type names of the annotations our options use.
 _TYPE_NAMES = {int: "INTEGER", float: "FLOAT", str: "TEXT", Path: "PATH"}
@@ -172,6 +173,29 @@ ClassMapOpt = Annotated[
         "named by a teacher class id.",
     ),
 ]
+
+
+def _check_device(value: str) -> str:
+    """`--device` checked before the heavy imports: a bad value is a usage error (exit 2)."""
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
+        raise typer.BadParameter(f"{value!r}: expected auto, cpu, cuda or cuda:N")
+    return value
+
+
+DeviceOpt = Annotated[
+    str,
+    typer.Option(
+        "--device",
+        metavar="DEVICE",
+        callback=_check_device,
+        help="auto | cpu | cuda | cuda:N (auto: this torchrun rank's GPU, else GPU 0 when CUDA is here, else the CPU).",
+    ),
+]
+
+
+def device_argument(device: str) -> str | None:
+    """The API's `device` for a checked `--device` value (None: auto, the library's default)."""
+    return None if device == "auto" else device
 
 
 def workers_option(help: str, *, min: int = 0, default: str | None = None) -> Any:

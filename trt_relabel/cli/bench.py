@@ -9,12 +9,14 @@ import typer
 
 from trt_relabel.cli._app import (
     CheckpointOpt,
+    DeviceOpt,
     EnginesDirOpt,
     SizeOpt,
     TeacherOpt,
     TopkOpt,
     app,
     console,
+    device_argument,
     workers_option,
 )
 
@@ -26,6 +28,7 @@ def bench_command(
     checkpoint: CheckpointOpt = None,
     size: SizeOpt = None,
     topk: TopkOpt = 5,
+    device: DeviceOpt = "auto",
     batch_size: Annotated[int, typer.Option(min=1, help="Images per batch.")] = 8,
     workers: Annotated[
         int | None, workers_option("Decoding processes of the end-to-end runs.", default="cores - 1")
@@ -44,8 +47,8 @@ def bench_command(
     console.print(available_summary())
     report = run_bench(
         data, teacher=teacher, checkpoint=checkpoint, size=size, topk=topk, batch_size=batch_size,
-        workers=workers, limit=limit, repeats=repeats, engines_dir=engines_dir, end_to_end=end_to_end,
-        log=console.print,
+        workers=workers, device=device_argument(device), limit=limit, repeats=repeats, engines_dir=engines_dir,
+        end_to_end=end_to_end, log=console.print,
     )  # fmt: skip
     title = f"{report.device}: {report.images} images at {report.input_size}, batch {report.batch_size}"
     table = Table(title=title)

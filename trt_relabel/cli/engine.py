@@ -12,12 +12,14 @@ import typer
 from trt_relabel.cli._app import (
     CheckpointOpt,
     ClassNamesOpt,
+    DeviceOpt,
     EnginesDirOpt,
     SizeOpt,
     TeacherOpt,
     TopkOpt,
     app,
     console,
+    device_argument,
 )
 from trt_relabel.errors import UsageError
 
@@ -48,6 +50,7 @@ def build_engine_command(
     topk: TopkOpt = 5,
     class_names: ClassNamesOpt = None,
     engines_dir: EnginesDirOpt = Path("engines"),
+    device: DeviceOpt = "auto",
     out: Annotated[Path | None, typer.Option("--out", "-o", hidden=True)] = None,  # the former name
     max_batch: Annotated[int, typer.Option(min=1, help="Largest batch of the TensorRT profile.")] = 64,
     opt_batch: Annotated[
@@ -58,15 +61,19 @@ def build_engine_command(
     verify: Annotated[bool, typer.Option(help="Check the fp32 graph against PyTorch after export.")] = True,
 ) -> None:
     """Export the teacher's fp32 and FP16 ONNX graphs, and build the FP16 TensorRT engine when
-    TensorRT and a CUDA GPU are present. Unchanged inputs reuse the existing files."""
+    TensorRT and a CUDA GPU are present (on --device's GPU; its sidecar names it). Unchanged inputs
+    reuse the existing files."""
     if out is not None and engines_dir != Path("engines"):
         raise UsageError("give the engines folder once: --engines-dir (--out is its former name)")
-    from trt_relabel.backends import tensorrt_missing
+    if device == "cpu":
+        raise UsageError("--device cpu: the TensorRT engine builds on a CUDA GPU (give auto, cuda or cuda:N)")
+    from trt_relabel.backends import parse_device, tensorrt_missing
     from trt_relabel.classes import read_class_names
     from trt_relabel.export import build_graphs
     from trt_relabel.trt_compat import check_tensorrt_compatible
 
     classes = read_class_names(class_names) if class_names is not None else None
+    gpu = parse_device(device_argument(device))
     built = build_graphs(
         teacher, checkpoint, size, topk, out or engines_dir, pretrained=not random_weights, verify=verify,
         log=console.print, classes=classes,
@@ -91,6 +98,7 @@ def build_engine_command(
 
     engine = build_engine(
         built.fp16,
+        device=gpu,
         max_batch=max_batch,
         opt_batch=opt_batch,
         workspace_bytes=int(workspace_gib * 2**30),

@@ -12,6 +12,7 @@ from trt_relabel.cli._app import (
     CheckpointOpt,
     ClassMapOpt,
     ClassNamesOpt,
+    DeviceOpt,
     EnginesDirOpt,
     OverwriteOpt,
     RetryFailedOpt,
@@ -20,6 +21,7 @@ from trt_relabel.cli._app import (
     TopkOpt,
     app,
     console,
+    device_argument,
     workers_option,
 )
 
@@ -59,6 +61,7 @@ def generate_command(
     backend: Annotated[
         str, typer.Option("--backend", "-b", help="auto | onnxruntime | torch | tensorrt (auto: the fastest here).")
     ] = "auto",
+    device: DeviceOpt = "auto",
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per teacher call.")] = 64,
     workers: Annotated[
         int | None, workers_option("Decoding processes (0: decode in this process).", default="cores - 1")
@@ -82,7 +85,8 @@ def generate_command(
 
     Rerunning the same command resumes an interrupted run (only the missing rows are labelled).
 
-    Under `torchrun --nproc-per-node N` the processes share the rows of one store.
+    Under `torchrun --nproc-per-node N` the processes share the rows of one store, each on its local
+    GPU (--device cuda:N is refused there; --device cpu runs every rank on the CPU).
 
     Exit code 1 when some inputs could not be labelled (listed in STORE/errors.jsonl); fix them and
     rerun with --retry-failed to label just those.
@@ -97,6 +101,7 @@ def generate_command(
         size=size,
         topk=topk,
         backend=backend,
+        device=device_argument(device),
         batch_size=batch_size,
         workers=workers,
         overwrite=overwrite,
