@@ -386,6 +386,18 @@ def test_torchrun_two_processes_equal_one(reference, image_folder, engines, tmp_
     assert_same_store(out, reference)
 
 
+def test_torchrun_refuses_one_gpu_for_every_rank(image_folder, engines, tmp_path):
+    """Under torchrun each rank takes its local GPU: --device cuda:N (one GPU for all) is a usage error."""
+    out = tmp_path / "store"
+    torchrun = [str(BIN / "torchrun"), "--standalone", "--nproc-per-node", "2", "--no-python"]
+    command = [*torchrun, str(BIN / "trt-relabel"), *cli_args(image_folder, out, engines, "--device", "cuda:1")]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    ranks = done.stderr.split("failed (exitcode: 2)")  # what the ranks printed, then torchrun's own report
+    assert done.returncode != 0 and len(ranks) > 1 and "Traceback" not in ranks[0], done.stderr[-3000:]
+    assert done.stderr.count("error: --device cuda:1 cannot be combined with torchrun") == 2, done.stderr[-3000:]
+    assert not out.exists()
+
+
 def test_shards_equal_one_run(reference, image_folder, engines, tmp_path):
     out = tmp_path / "store"
     first = label(image_folder, out, engines, shard=(1, 2), batch_size=3)
