@@ -106,7 +106,7 @@ def ustar_header(name: bytes, size: int) -> bytes:
 
 
 def stub_spec():
-    from trt_relabel.store import StoreSpec
+    from trt_relabel.store_format import StoreSpec
     from trt_relabel.teacher import get_teacher_config
 
     config = get_teacher_config(TEACHER, TEACHER_SIZE)

@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from trt_relabel.images import ImageEntry
-from trt_relabel.store import LabelStore, StoreSpec, create_store
+from trt_relabel.store import LabelStore, create_store
+from trt_relabel.store_format import StoreSpec
 
 TOPK, MAP = 5, 15
 

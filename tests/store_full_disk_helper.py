@@ -13,7 +13,8 @@ import numpy as np
 from test_store import SPEC, random_labels
 
 from trt_relabel.images import ImageEntry
-from trt_relabel.store import LabelStore, StoreError, create_store
+from trt_relabel.store import LabelStore, create_store
+from trt_relabel.store_format import StoreError
 
 
 def samples(n: int) -> list[ImageEntry]:

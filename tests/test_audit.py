@@ -31,7 +31,8 @@ from trt_relabel.audit import (
 )
 from trt_relabel.classes import default_classes
 from trt_relabel.images import ImageEntry
-from trt_relabel.store import LabelStore, StoreSpec, create_store
+from trt_relabel.store import LabelStore, create_store
+from trt_relabel.store_format import StoreSpec
 
 CLI = Path(sys.executable).parent / "trt-relabel"
 NUM_CLASSES = 20

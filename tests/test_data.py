@@ -26,7 +26,8 @@ from trt_relabel.data import (
 from trt_relabel.errors import RelabelError
 from trt_relabel.images import ImageEntry, list_images
 from trt_relabel.shards import FolderInputs
-from trt_relabel.store import LabelStore, StoreSpec, create_store
+from trt_relabel.store import LabelStore, create_store
+from trt_relabel.store_format import StoreSpec
 
 NUM_CLASSES = 10
 MAP_SIZE = 6

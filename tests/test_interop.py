@@ -18,7 +18,8 @@ from PIL import Image
 
 from trt_relabel.images import ImageEntry, list_images
 from trt_relabel.interop import RELABEL_SPEC, TEACHER_FILE, import_relabel, merge_maps, merge_stores
-from trt_relabel.store import LabelStore, StoreError, StoreSpec, create_store
+from trt_relabel.store import LabelStore, create_store
+from trt_relabel.store_format import StoreError, StoreSpec
 
 CLI = Path(sys.executable).parent / "trt-relabel"
 WNIDS = ("n01440764", "n01443537")

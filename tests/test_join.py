@@ -12,7 +12,8 @@ import pytest
 from test_generate import engines, label, run_main  # noqa: F401 (engines: a fixture)
 
 from trt_relabel.join import join_stores
-from trt_relabel.store import LabelStore, StoreError
+from trt_relabel.store import LabelStore
+from trt_relabel.store_format import StoreError
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from trt_relabel.images import ImageEntry
-from trt_relabel.store import FORMAT, LabelStore, StoreError, StoreSpec, create_store
+from trt_relabel.store import LabelStore, create_store
+from trt_relabel.store_format import FORMAT, StoreError, StoreSpec
 
 SPEC = StoreSpec(
     teacher="efficientnet_lite0",

@@ -16,7 +16,8 @@ from test_store import SAMPLES, SPEC, random_labels
 
 from trt_relabel.images import ImageEntry
 from trt_relabel.sample_table import SampleTable, escape_path, unescape_path
-from trt_relabel.store import FAILED, FORMAT, PENDING, LabelStore, StoreError, create_store
+from trt_relabel.store import LabelStore, create_store
+from trt_relabel.store_format import FAILED, FORMAT, PENDING, StoreError
 
 #: File names Linux allows that broke samples.tsv (or generic TSV readers), as os.listdir gives them.
 ODD_NAMES = [

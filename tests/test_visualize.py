@@ -19,7 +19,8 @@ from torchvision.ops import roi_align
 from trt_relabel.classes import imagenet_classes
 from trt_relabel.errors import RelabelError, UsageError
 from trt_relabel.images import ImageEntry, list_images
-from trt_relabel.store import LabelStore, StoreSpec, create_store
+from trt_relabel.store import LabelStore, create_store
+from trt_relabel.store_format import StoreSpec
 from trt_relabel.visualize import (
     _draw_bars,
     _draw_legend,

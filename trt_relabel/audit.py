@@ -43,7 +43,8 @@ from trt_relabel.errors import RelabelError, UsageError
 from trt_relabel.fileio import atomic_file
 from trt_relabel.interop import ProgressCallback
 from trt_relabel.report import Chart, GalleryItem, ReportPage, write_report
-from trt_relabel.store import FAILED, LABELLED, PENDING, LabelStore, nonfinite_rows
+from trt_relabel.store import LabelStore, nonfinite_rows
+from trt_relabel.store_format import FAILED, LABELLED, PENDING
 from trt_relabel.visualize import FULL_BOX, soft_targets
 
 CSV_NAME, LABELS_NAME = "audit.csv", "labels.json"

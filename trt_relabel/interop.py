@@ -29,17 +29,8 @@ from trt_relabel.classes import classes_from_metadata, classes_metadata, imagene
 from trt_relabel.errors import UsageError
 from trt_relabel.fileio import write_atomic
 from trt_relabel.images import ImageEntry, first_difference, list_images
-from trt_relabel.store import (
-    ERRORS,
-    FAILED,
-    FLOAT16_MAX,
-    MANIFEST,
-    LabelStore,
-    StoreError,
-    StoreSpec,
-    StoreWriter,
-    create_store,
-)
+from trt_relabel.store import LabelStore, StoreWriter, create_store
+from trt_relabel.store_format import ERRORS, FAILED, FLOAT16_MAX, MANIFEST, StoreError, StoreSpec
 
 #: What labelled the official maps: EfficientNet-L2 at 475 px, top-5 of 15 x 15 cells.
 RELABEL_SPEC = StoreSpec(

@@ -20,7 +20,8 @@ import numpy as np
 
 from trt_relabel.errors import UsageError
 from trt_relabel.images import first_difference
-from trt_relabel.store import FAILED, LABELLED, PENDING, REQUIRED_KEYS, LabelStore, StoreError, create_store
+from trt_relabel.store import LabelStore, create_store
+from trt_relabel.store_format import FAILED, LABELLED, PENDING, REQUIRED_KEYS, StoreError
 
 
 @dataclass(frozen=True)

@@ -17,17 +17,8 @@ import numpy as np
 
 from trt_relabel.fileio import remove_stale, temporary_dir
 from trt_relabel.images import ImageEntry
-from trt_relabel.store import (
-    FAILED,
-    LABELLED,
-    MANIFEST,
-    REQUIRED_KEYS,
-    STORE_FILES,
-    LabelStore,
-    StoreError,
-    StoreWriter,
-    create_store,
-)
+from trt_relabel.store import LabelStore, StoreWriter, create_store
+from trt_relabel.store_format import FAILED, LABELLED, MANIFEST, REQUIRED_KEYS, STORE_FILES, StoreError
 
 #: Rows copied from the old store to the new one at a time (bounds the memory of a relisting).
 COPY_ROWS = 4096

@@ -18,7 +18,8 @@ from trt_relabel.classes import read_class_map, store_classes
 from trt_relabel.errors import RelabelError, UsageError
 from trt_relabel.images import ImageLoadError, load_rgb
 from trt_relabel.interop import ProgressCallback
-from trt_relabel.store import FAILED, LABELLED, PENDING, LabelStore, nonfinite_rows
+from trt_relabel.store import LabelStore, nonfinite_rows
+from trt_relabel.store_format import FAILED, LABELLED, PENDING
 from trt_relabel.terminal import readable
 
 FULL_BOX = (0.0, 0.0, 1.0, 1.0)
