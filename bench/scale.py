@@ -60,9 +60,14 @@ def tiny_jpeg() -> bytes:
 
 
 def sample_paths(rows: int) -> list[tuple[str, int]]:
-    """(relative path, class) of N images spread over 1000 class folders, in sorted path order."""
+    """(relative path, class) of N images spread over the 1000 ImageNet class folders (wnids, so
+    that generate gives each folder its teacher class, as a real ImageNet tree), in sorted path
+    order."""
+    from trt_relabel.classes import imagenet_synsets
+
+    wnids = imagenet_synsets()
     per_class = -(-rows // CLASSES)
-    return [(f"n{row // per_class:08d}/img_{row:08d}.JPEG", row // per_class) for row in range(rows)]
+    return [(f"{wnids[row // per_class]}/img_{row:08d}.JPEG", row // per_class) for row in range(rows)]
 
 
 def build_tree(root: Path, samples: list[tuple[str, int]]) -> None:
