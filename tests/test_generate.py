@@ -25,7 +25,8 @@ from trt_relabel.cli import main
 from trt_relabel.generate import generate, ramp_batches
 from trt_relabel.images import ImageEntry, list_images
 from trt_relabel.pooling import label_pooling
-from trt_relabel.store import LabelStore, StoreError
+from trt_relabel.store import LabelStore
+from trt_relabel.store_format import StoreError
 
 SIZE = 475
 BIN = Path(sys.executable).parent

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from trt_relabel.errors import UsageError
-from trt_relabel.generate import find_inputs
+from trt_relabel.generate_inputs import find_inputs
 from trt_relabel.images import ImageEntry, ImageLoadError, list_images, load_rgb
 
 
@@ -92,7 +92,7 @@ LIST_AS_NOBODY = """
 import json, os, sys
 from PIL import Image
 from trt_relabel.errors import UsageError
-from trt_relabel.generate import find_inputs
+from trt_relabel.generate_inputs import find_inputs
 from trt_relabel.images import ImageLoadError, list_images, load_rgb
 Image.init()  # every import happens before dropping root's rights (nobody cannot read /root)
 if os.geteuid() == 0:

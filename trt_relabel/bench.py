@@ -29,7 +29,8 @@ from trt_relabel.backends import (
 )
 from trt_relabel.errors import UsageError
 from trt_relabel.export import BuiltGraphs, PreparedTeacher, export_graphs, prepare_teacher, relabel_graph
-from trt_relabel.generate import find_inputs, generate
+from trt_relabel.generate import generate
+from trt_relabel.generate_inputs import find_inputs
 from trt_relabel.images import load_rgb, resize_whole
 
 

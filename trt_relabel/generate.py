@@ -32,49 +32,22 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import torch
-from rich.text import Text
 from torch.utils.data import DataLoader, default_collate
 
-from trt_relabel.classes import (
-    ClassList,
-    classes_metadata,
-    default_classes,
-    map_folder_classes,
-    read_class_map,
-    read_class_names,
-    unmapped_advice,
-)
+from trt_relabel.classes import classes_metadata, read_class_names, unmapped_advice
 from trt_relabel.errors import Interrupted, RelabelError, UsageError
-from trt_relabel.images import (
-    IMAGE_EXTENSIONS,
-    ImageEntry,
-    ImageLoadError,
-    list_images,
-    read_file_list,
-    resize_whole,
-)
-from trt_relabel.locks import check_no_writer, check_rows_free, claim_rows
+from trt_relabel.generate_checks import check_existing_store, check_not_busy, check_same_teacher, check_writable
+from trt_relabel.generate_inputs import Inputs, open_data, teacher_class_indices
+from trt_relabel.images import ImageEntry, ImageLoadError, resize_whole
+from trt_relabel.locks import claim_rows
 from trt_relabel.progress import progress_bar
-from trt_relabel.shards import FolderInputs, ShardInputs, open_inputs
-from trt_relabel.store import (
-    ERRORS,
-    FAILED,
-    LABELLED,
-    MANIFEST,
-    STORE_FILES,
-    LabelStore,
-    StoreError,
-    StoreSpec,
-    StoreWriter,
-    check_resumable,
-    create_store,
-)
+from trt_relabel.shards import FolderInputs
+from trt_relabel.store import StoreWriter, create_store
+from trt_relabel.store_format import ERRORS, FAILED, LABELLED, StoreSpec
 from trt_relabel.terminal import console, warning
 
 if TYPE_CHECKING:
     from trt_relabel.backends import Backend
-
-Inputs = FolderInputs | ShardInputs
 
 
 @dataclass(frozen=True)
@@ -189,50 +162,6 @@ def collate(items: list[tuple[int, np.ndarray | None, bytes | None, str | None]]
         jpegs=[data for _, data in jpegs],
         failures=[(row, reason) for row, _, _, reason in items if reason is not None],
     )
-
-
-def parse_shard(text: str) -> tuple[int, int]:
-    """Parse "I/N" into (I, N) with 0 <= I < N; UsageError otherwise."""
-    index, sep, count = text.partition("/")
-    if not (sep and index.isdigit() and count.isdigit()) or not 0 <= int(index) < int(count):
-        raise UsageError(f"--shard {text!r}: expected I/N with 0 <= I < N, e.g. 0/4")
-    return int(index), int(count)
-
-
-def find_inputs(data: str | Path, file_list: str | Path | None = None) -> list[ImageEntry]:
-    """The images to label, sorted by relative path: an ImageFolder or flat folder under `data`, or
-    the entries of `file_list` (paths relative to `data`)."""
-    data = Path(data)
-    if not data.is_dir():
-        raise UsageError(f"{data}: no such directory")
-    if file_list is not None:
-        if not Path(file_list).is_file():
-            raise UsageError(f"{file_list}: no such file list")
-        try:
-            samples = read_file_list(file_list)
-        except (ValueError, OSError) as e:
-            raise UsageError(str(e)) from None
-        if not samples:
-            raise UsageError(f"{file_list}: the file list names no image")
-        return samples
-    try:
-        samples = list_images(data)
-    except OSError as e:
-        raise UsageError(f"{data}: cannot list the folder ({e.strerror})") from None
-    if not samples:
-        raise UsageError(f"{data}: no image files ({' '.join(IMAGE_EXTENSIONS)})")
-    return samples
-
-
-def open_data(
-    data: str | Path, file_list: str | Path | None = None, data_format: str = "auto"
-) -> tuple[list[ImageEntry], Inputs]:
-    """The samples to label and where their bytes are: tar shards (:mod:`trt_relabel.shards`;
-    `data_format` "wds", or "auto" and detected), else the folder `data` (:func:`find_inputs`)."""
-    shards = open_inputs(data, file_list, data_format)
-    if shards is not None:
-        return shards
-    return find_inputs(data, file_list), FolderInputs(data)
 
 
 def default_workers() -> int:
@@ -368,7 +297,7 @@ def generate(
     samples, inputs = open_data(data, file_list, data_format)
     classes = read_class_names(class_names) if class_names is not None else None
     listed = file_list is None and isinstance(inputs, FolderInputs)
-    samples, unmapped = _teacher_class_indices(samples, teacher, size, classes, class_map, listed)
+    samples, unmapped = teacher_class_indices(samples, teacher, size, classes, class_map, listed)
     workers = default_workers() if workers is None else workers
     if batch_size < 1 or workers < 0:
         raise UsageError(f"batch size must be >= 1 and workers >= 0 (got {batch_size} and {workers})")
@@ -383,8 +312,8 @@ def generate(
     if shard[1] > 1 and overwrite:
         raise UsageError("--overwrite cannot be combined with --shard (a shard would delete the others' work)")
     out = Path(out)
-    _check_writable(out)
-    existing = _check_existing_store(out, Path(data), samples, teacher, size, topk, overwrite, retry_failed, shard)
+    check_writable(out)
+    existing = check_existing_store(out, Path(data), samples, teacher, size, topk, overwrite, retry_failed, shard)
     if existing is not None:
         samples = existing.samples  # equal to the listed ones (checked); reopening it reuses the parsed table
     from trt_relabel.backends import open_backend, parse_device
@@ -398,7 +327,7 @@ def generate(
             raise UsageError(f"--device {device} cannot be combined with torchrun (each rank takes its local GPU)")
         device = device if device == "cpu" else group.device() or device
         split = (group.rank, group.world) if group.world > 1 else shard
-        group.on_every_rank(lambda: _check_not_busy(out, split, len(samples), overwrite))
+        group.on_every_rank(lambda: check_not_busy(out, split, len(samples), overwrite))
         show = progress and group.rank == 0
         log = console.print if show else (lambda _: None)
         if unmapped:
@@ -428,7 +357,7 @@ def generate(
                 extra_manifest={"source": "generate", **classes_metadata(classes)},
             )
         )
-        _check_same_teacher(writer, runtime)
+        check_same_teacher(writer, runtime)
         samples = writer.samples  # the store's SampleTable: decoding workers share its pages
         group.on_every_rank(lambda: rows_lock.enter_context(claim_rows(out, split, len(samples))))
         if retry_failed:  # rank 0 reopens the failed rows of every rank before any rank lists its own
@@ -455,128 +384,6 @@ def generate(
     finally:
         rows_lock.close()
         group.close()
-
-
-def _teacher_class_indices(
-    samples: list[ImageEntry],
-    teacher: str,
-    size: int | None,
-    classes: ClassList | None,
-    class_map: str | Path | None,
-    listed: bool,
-) -> tuple[list[ImageEntry], list[str]]:
-    """The inputs with their folder's teacher class index, and the class folders that are no class
-    of the teacher. Entries not `listed` from a folder (a file list, tar shards) keep the class
-    indices they come with."""
-    if not listed:
-        if class_map is not None:
-            raise UsageError("--class-map maps class folders; a --file-list or tar shards give class indices")
-        return samples, []
-    from trt_relabel.teacher import get_teacher_config
-
-    classes = classes or default_classes(get_teacher_config(teacher, size).num_classes)
-    mapping = read_class_map(class_map, classes) if class_map is not None else None
-    return map_folder_classes(samples, classes, mapping)
-
-
-def _check_writable(out: Path) -> None:
-    """Fail before the (slow) backend start when the store cannot be written: `out` (and its files)
-    or, for a new store, its nearest existing parent must be writable."""
-    existing = next(p for p in (out, *out.parents) if p.exists())
-    targets = [existing, *(existing / name for name in STORE_FILES if (existing / name).exists())]
-    for target in targets:
-        if not os.access(target, os.W_OK):
-            reason = "read-only file system" if _read_only_fs(target) else "permission denied"
-            raise StoreError(f"{target}: cannot write the store there ({reason})")
-
-
-def _check_not_busy(out: Path, split: tuple[int, int], num_rows: int, overwrite: bool) -> None:
-    """Fail before the (slow) backend start when a live process labels rows of the existing store
-    that this run would write (with `overwrite`: any row); claim_rows decides later."""
-    if not (out / MANIFEST).is_file():
-        return
-    if overwrite:
-        check_no_writer(out)
-    else:
-        check_rows_free(out, split, num_rows)
-
-
-def _read_only_fs(path: Path) -> bool:
-    return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
-
-
-def _check_existing_store(
-    out: Path,
-    data: Path,
-    samples: list[ImageEntry],
-    teacher: str,
-    size: int | None,
-    topk: int,
-    overwrite: bool,
-    retry_failed: bool,
-    shard: tuple[int, int],
-) -> LabelStore | None:
-    """Refuse a mismatched store before the (slow) backend start; the teacher hash is checked later.
-    With `retry_failed`, a store whose only difference is folders it could not list, which now
-    can be, is rebuilt for the new input list (:mod:`trt_relabel.relist`). Returns the existing
-    store (None: there is none, or it was rebuilt)."""
-    if overwrite or not (out / MANIFEST).is_file():
-        return None
-    from trt_relabel.teacher import get_teacher_config
-
-    config = get_teacher_config(teacher, size)
-    fields = {"teacher": config.name, "input_size": config.input_size, "topk": topk}
-    try:
-        return check_resumable(out, samples, **fields)
-    except StoreError as mismatch:
-        if not _relist(out, data, samples, fields, retry_failed, shard):
-            raise mismatch from None
-    return None
-
-
-def _relist(
-    out: Path, data: Path, samples: list[ImageEntry], fields: dict, retry_failed: bool, shard: tuple[int, int]
-) -> bool:
-    """Rebuild the store `out` (built with the StoreSpec `fields`) for `samples` when they differ
-    only by folders it failed to list, which now can be listed (with `retry_failed`; a one-line
-    error without). False: another difference."""
-    from trt_relabel.relist import listed_folders, relist_folders
-
-    store = LabelStore(out)
-    if any(getattr(store.spec, name) != value for name, value in fields.items()):
-        return False
-    folders = listed_folders(store, data, samples)
-    if not folders:
-        return False
-    which = f"{folders[0]!r}" + (f" and {len(folders) - 1} more folders" if len(folders) > 1 else "")
-    if not retry_failed:
-        raise StoreError(
-            f"{store.path}: {which} could not be listed when the store was made and now can: "
-            "pass --retry-failed to label its images into this store"
-        ) from None
-    if shard[1] > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise UsageError(
-            f"{store.path}: {which} can now be listed: run --retry-failed once without --shard or torchrun "
-            "to take its images into the store"
-        )
-    with claim_rows(out, (0, 1), len(store)):  # no process may label the store while its files are replaced
-        relist_folders(store, data, samples)
-    console.print(Text(f"{store.path}: {which} can now be listed: the store lists its images (labels kept)"))
-    return True
-
-
-def _check_same_teacher(writer: StoreWriter, backend: Backend) -> None:
-    """One store never mixes two teachers: refuse to label with a graph the store's may not be continued
-    by (see :func:`trt_relabel.backends.graph_may_continue`)."""
-    from trt_relabel.backends import graph_may_continue
-
-    started = writer.spec.graph_sha256
-    if not graph_may_continue(started, backend):
-        raise StoreError(
-            f"{writer.path}: labelled with graph sha256 {started[:16]}, which is not a graph of this teacher here "
-            f"({backend.name} runs {backend.graph_sha256[:16]}); resume it with the engines folder that labelled "
-            "it, or relabel it with --overwrite"
-        )
 
 
 def _spec(backend: Backend) -> StoreSpec:

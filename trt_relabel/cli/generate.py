@@ -91,7 +91,8 @@ def generate_command(
     Exit code 1 when some inputs could not be labelled (listed in STORE/errors.jsonl); fix them and
     rerun with --retry-failed to label just those.
     """
-    from trt_relabel.generate import generate, parse_shard
+    from trt_relabel.generate import generate
+    from trt_relabel.generate_inputs import parse_shard
 
     result = generate(
         data,
