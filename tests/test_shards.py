@@ -21,6 +21,9 @@ from trt_relabel.shards import FolderInputs, list_shards, open_inputs
 from trt_relabel.store import LabelStore
 from trt_relabel.trainer import train
 
+#: The sample folders' teacher classes (tabby cat, espresso, military uniform): the shards' .cls.
+CLASS_MAP = {"cat": 281, "coffee": 967, "uniform": 652}
+
 
 def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     info = tarfile.TarInfo(name)
@@ -35,7 +38,7 @@ def write_shards(folder: Path, root: Path, broken: str | None = None) -> dict[st
     path in the shards: path in `folder`}."""
     root.mkdir(parents=True, exist_ok=True)
     files = [entry.path for entry in list_images(folder)]
-    classes = {entry.path: entry.class_index for entry in list_images(folder)}
+    classes = {path: CLASS_MAP[path.split("/")[0]] for path in files}
     names = {}
     for shard, part in (("train-000.tar", files[:7]), ("train-001.tar", files[7:])):
         with tarfile.open(root / shard, "w") as tar:
@@ -52,9 +55,12 @@ def write_shards(folder: Path, root: Path, broken: str | None = None) -> dict[st
 
 @pytest.fixture(scope="module")
 def folder_store(image_folder, engines, tmp_path_factory) -> Path:  # noqa: F811
-    """The 12 photos labelled from their folder: what the shards' rows must equal."""
+    """The 12 photos labelled from their folder, its folders mapped to CLASS_MAP's teacher classes:
+    what the shards' rows must equal."""
     out = tmp_path_factory.mktemp("shards") / "folder-store"
-    label(image_folder, out, engines)
+    class_map = out.parent / "classes.tsv"
+    class_map.write_text("".join(f"{folder}\t{index}\n" for folder, index in CLASS_MAP.items()))
+    label(image_folder, out, engines, class_map=class_map)
     return out
 
 
@@ -77,8 +83,8 @@ def test_generate_and_train_read_tar_shards(image_folder, folder_store, engines,
     assert (result.rows, result.labelled, result.failed, result.complete) == (12, 12, 0, True)
     store = LabelStore(out)
     assert [s.path for s in store.samples] == sorted(names)  # by shard, then key
-    assert store.samples[0].path == "train-000.tar/cat_chelsea" and store.samples[0].class_index == 0
-    assert (out / "samples.tsv").read_text().splitlines()[0] == "train-000.tar/cat_chelsea\t0"
+    assert store.samples[0].path == "train-000.tar/cat_chelsea" and store.samples[0].class_index == 281
+    assert (out / "samples.tsv").read_text().splitlines()[0] == "train-000.tar/cat_chelsea\t281"
     assert_rows_equal_the_folder_store(store, folder_store, names)
 
     entries, inputs = data_entries(tmp_path / "shards", "--data")

@@ -93,7 +93,7 @@ def test_odd_names_end_to_end_through_generate(bundled_graphs, image_folder, tmp
     assert all((data / s.path).is_file() for s in store.samples)
     assert store_stats(store).num_labelled == 10
     assert run().processed == 0  # the stored list is the listed one: resumed, nothing to do
-    _assert_plain_readers_agree(out / "samples.tsv", [ImageEntry(n, 0) for n in names])
+    _assert_plain_readers_agree(out / "samples.tsv", [ImageEntry(n, -1) for n in names])  # odd/: no teacher class
 
 
 def _make_format_1(store: Path, entries: list[ImageEntry]) -> None:
