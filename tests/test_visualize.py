@@ -262,7 +262,7 @@ def test_legend_colours_bars_and_title():
     assert 0.3 < bars.get_xlim()[1] <= 0.45
     _draw_legend(key, legend, list(imagenet_classes().names), "my-teacher")
     title = key.get_legend().get_title().get_text()
-    assert title == "my-teacher: top-1 class of each cell (number of cells)"
+    assert title == "my-teacher: top-1 class of each cell\n(number of cells)"
     patches = key.get_legend().get_patches()
     assert patches[-1].get_label() == f"{len(legend) - len(coloured)} more classes"
     assert to_rgb(patches[-1].get_facecolor()) not in [to_rgb(p.get_facecolor()) for p in patches[:-1]]

@@ -411,7 +411,7 @@ def _draw_legend(ax, legend: list[tuple[int, int, tuple]], names: list[str], tea
         ncols=2 if two_columns else 1,
         fontsize="x-small" if two_columns else "small",
         frameon=False,
-        title=f"{readable(teacher)}: top-1 class of each cell (number of cells)",
+        title=f"{readable(teacher)}: top-1 class of each cell\n(number of cells)",  # two lines: fits the panel
     )
     legend_box.set_in_layout(False)  # a long legend must not shrink the photo and the bars
     ax.set_axis_off()
